@@ -1,0 +1,5 @@
+import sys
+
+from deeplab.cli import main
+
+sys.exit(main())
