@@ -1,0 +1,93 @@
+"""Export a model to ONNX (fp32): input 'image' (B,3,H,W) normalised, output 'logits' at stride 8.
+
+The graph is the single-scale network, as model(x) in PyTorch: logits at the output stride,
+without upsampling, softmax or multi-scale fusion. The weights' metadata (model, classes,
+normalisation) is stored in the ONNX metadata_props. Files without metadata (.pth, .caffemodel)
+need --model (and --num-classes unless the classifier tells).
+
+Examples:
+  deeplab export --weights voc_resnet101.safetensors --out deeplab.onnx
+  deeplab export --model deeplab_v2_resnet101 --weights train_iter_20000.caffemodel --out voc.onnx \\
+      --height 513 --width 513
+  deeplab export --weights camvid.safetensors --out camvid.onnx --dynamic --opset 17
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Attach the ``deeplab export`` options."""
+    parser.add_argument("--model", default=None,
+                        help="model name (default: from the weights' metadata; required for .pth/.caffemodel)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="weights file (default: the packaged default model)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="class count, for weights without metadata (default: from the classifier)")
+    parser.add_argument("--out", type=Path, required=True, help="destination .onnx file")
+    parser.add_argument("--height", type=int, default=513, help="input height of the exported graph")
+    parser.add_argument("--width", type=int, default=513, help="input width of the exported graph")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    parser.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+
+
+def _build(args: argparse.Namespace):
+    from deeplab.weights import build_from_weights, default_weights_path, read_metadata, weights_format
+
+    weights = args.weights if args.weights is not None else default_weights_path()
+    if not weights.is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}")
+    metadata = read_metadata(weights)
+    if args.model and metadata.get("model") not in (None, args.model):
+        raise ValueError(f"{weights} holds a {metadata['model']!r} model, not --model {args.model!r}")
+    overrides: dict = {"msc_scales": None}  # the graph is the single-scale network
+    if args.model:
+        overrides["model"] = args.model
+    num_classes = args.num_classes
+    if num_classes is None and not metadata.get("num_classes"):
+        num_classes = _peek_num_classes(weights, weights_format(weights))
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    return build_from_weights(weights, **overrides)
+
+
+def _peek_num_classes(path: Path, fmt: str) -> int | None:
+    if fmt == "caffe":
+        from deeplab.cli.convert import _caffe_num_classes
+        from deeplab.weights import read_caffemodel
+
+        return _caffe_num_classes(read_caffemodel(path))
+    from deeplab.weights import read_state_dict
+    from deeplab.weights.loading import infer_num_classes
+
+    return infer_num_classes(read_state_dict(path)[0])
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export the model; returns the exit status."""
+    from deeplab.weights import export_onnx
+
+    try:
+        if args.out.suffix.lower() != ".onnx":
+            raise ValueError(f"--out {args.out} must end with .onnx")
+        if args.height < 1 or args.width < 1 or args.opset < 7:
+            raise ValueError(f"bad --height/--width/--opset: {args.height}, {args.width}, {args.opset}")
+        model, metadata = _build(args)
+        keep = ("model", "num_classes", "class_names", "palette", "normalization", "model_kwargs")
+        props = {k: metadata[k] for k in keep if k in metadata}
+        props["output_stride"] = model.output_stride
+        t0 = time.perf_counter()
+        export_onnx(model, args.out, height=args.height, width=args.width, opset=args.opset,
+                    dynamic=args.dynamic, metadata=props)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    size_mb = args.out.stat().st_size / 2**20
+    print(f"wrote {args.out} ({size_mb:.1f} MiB, {metadata['model']}, {model.num_classes} classes, "
+          f"input 1x3x{args.height}x{args.width}{' dynamic' if args.dynamic else ''}, "
+          f"opset {args.opset}) in {time.perf_counter() - t0:.1f} s")
+    return 0

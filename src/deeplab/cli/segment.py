@@ -1,0 +1,226 @@
+"""Segment images: write a palette label PNG and an overlay for each.
+
+For every input image, writes into --out:
+  <stem>.png          the label map as a palette PNG in the model's class colours
+  <stem>_overlay.jpg  the image blended with the colours, with a legend of the classes present
+  <stem>.npy          float16 (C,H,W) probabilities (with --save-probs)
+
+Inputs may be files, folders (their images, not recursive) and glob patterns. Unreadable files
+are reported and skipped; the exit status is then 1. With no --weights the packaged default
+model is used.
+
+Examples:
+  deeplab segment street.jpg --out seg/
+  deeplab segment photos/ 'more/**/*.png' --out seg/ --weights my_model.safetensors --crf
+  deeplab segment big.tif --out seg/ --msc 0.5,0.75 --precision fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def parse_scales(text: str | None) -> tuple[float, ...] | None:
+    """Parse ``"0.5,0.75"`` into ``(0.5, 0.75)``; None or empty gives None."""
+    if not text:
+        return None
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--msc {text!r}: expected comma-separated scales such as 0.5,0.75"
+        ) from None
+    if not scales or any(not (0 < s) for s in scales):
+        raise argparse.ArgumentTypeError(f"--msc {text!r}: scales must be positive numbers")
+    return tuple(s for s in scales if s != 1.0) or None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                        help="image files, folders of images or glob patterns")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="weights .safetensors (default: the packaged default model)")
+    parser.add_argument("--model", default=None,
+                        help="expected model name (checked against the weights' metadata)")
+    parser.add_argument("--crf", action="store_true", help="refine with the fully connected CRF")
+    parser.add_argument("--msc", type=parse_scales, default=None, metavar="S1,S2",
+                        help="extra input scales fused by a max, e.g. 0.5,0.75")
+    parser.add_argument("--flip", action="store_true", help="also average the mirrored image")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="network precision (softmax is always fp32)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="images per forward pass (consecutive images of one size)")
+    parser.add_argument("--save-probs", action="store_true",
+                        help="also write <stem>.npy float16 (C,H,W) probabilities")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="downscale larger images for the network (default: 6,000,000)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay")
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, folders and globs -> (image paths in order without duplicates, problems)."""
+    paths: list[Path] = []
+    problems: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                problems.append(f"{item}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        elif p.exists():
+            paths.append(p)
+        elif glob.has_magic(item):
+            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
+            if not found:
+                problems.append(f"{item}: pattern matches no file")
+            paths.extend(found)
+        else:
+            problems.append(f"{item}: no such file or folder")
+    seen: set[Path] = set()
+    unique = []
+    for p in paths:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique, problems
+
+
+def check_writable(out: Path) -> str | None:
+    """None if ``out`` can be created and written to, else the reason."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create output folder {out}: {e.strerror or e}"
+    if not out.is_dir():
+        return f"output path {out} exists and is not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".deeplab-write-test-"):
+            pass
+    except OSError as e:
+        return f"output folder {out} is not writable ({e.strerror or e}): choose another --out"
+    return None
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    stems: list[str] = []
+    used: dict[str, int] = {}
+    for p in paths:
+        stem = p.stem
+        if stem in used:
+            used[stem] += 1
+            stem = f"{stem}_{used[stem]}"
+        used.setdefault(stem, 0)
+        stems.append(stem)
+    return stems
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        return _error(f"--batch must be >= 1, got {args.batch}")
+    if not 0.0 <= args.alpha <= 1.0:
+        return _error(f"--alpha must be in [0, 1], got {args.alpha}")
+    paths, problems = expand_inputs(args.inputs)
+    reason = check_writable(args.out)
+    if reason:
+        return _error(reason)
+    if not paths:
+        for msg in problems:
+            print(f"error: {msg}", file=sys.stderr)
+        return _error("no input images")
+
+    import numpy as np
+
+    from deeplab.data.io import ImageReadError, read_image, write_label_png
+    from deeplab.engine.evaluate import save_probs_npy
+    from deeplab.engine.inference import DEFAULT_MAX_PIXELS, finish_prediction, predict_logits
+    from deeplab.engine.segment import load_bundle, overlay, save_jpeg
+
+    try:
+        bundle = load_bundle(args.weights, model_name=args.model, precision=args.precision,
+                             device=args.device)
+    except (FileNotFoundError, ValueError) as e:
+        return _error(str(e))
+    crf = None
+    if args.crf:
+        from deeplab.crf import DenseCRF
+
+        crf = DenseCRF(**bundle.crf_params)
+    max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
+
+    def notice(msg: str) -> None:
+        print(f"notice: {msg}", file=sys.stderr)
+
+    failures = list(problems)
+    for msg in problems:
+        print(f"skipped: {msg}", file=sys.stderr)
+    stems = _unique_stems(paths)
+    done = 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(paths), unit="img", desc="segment", disable=len(paths) < 2, file=sys.stderr)
+    t0 = time.perf_counter()
+
+    def process(group: list[tuple[Path, str, np.ndarray]]) -> None:
+        nonlocal done
+        batch = np.stack([img for _, _, img in group])
+        logits = predict_logits(
+            bundle.model, batch, normalization=bundle.normalization, msc_scales=args.msc,
+            flip=args.flip, precision=args.precision, max_pixels=max_pixels, notice=notice,
+        )
+        for k, (path, stem, img) in enumerate(group):
+            labels, probs = finish_prediction(logits[k : k + 1], img, crf=crf,
+                                              want_probs=args.save_probs)
+            if args.save_probs:
+                save_probs_npy(args.out / f"{stem}.npy", probs)
+            labels = labels.numpy().astype(np.uint8)
+            write_label_png(args.out / f"{stem}.png", labels, bundle.palette)
+            save_jpeg(args.out / f"{stem}_overlay.jpg",
+                      overlay(img, labels, bundle.palette, bundle.class_names, alpha=args.alpha))
+            done += 1
+            bar.update(1)
+
+    group: list[tuple[Path, str, np.ndarray]] = []
+    try:
+        for path, stem in zip(paths, stems):
+            try:
+                img = read_image(path)
+            except (ImageReadError, OSError) as e:
+                failures.append(str(e))
+                bar.write(f"skipped: {e}", file=sys.stderr)
+                bar.update(1)
+                continue
+            if group and (len(group) >= args.batch or group[0][2].shape != img.shape):
+                process(group)
+                group = []
+            group.append((path, stem, img))
+        if group:
+            process(group)
+    except OSError as e:  # e.g. the disk filled up while writing
+        bar.close()
+        return _error(f"writing to {args.out} failed: {e}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    rate = done / seconds if seconds > 0 else float("nan")
+    print(f"segmented {done} image(s) in {seconds:.1f} s ({rate:.2f} images/s) -> {args.out}")
+    if failures:
+        print(f"error: {len(failures)} input(s) could not be read (see 'skipped:' above)",
+              file=sys.stderr)
+        return 1
+    return 0

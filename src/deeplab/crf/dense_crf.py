@@ -1,0 +1,262 @@
+"""Fully connected CRF (Krähenbühl & Koltun 2011) with mean-field inference, as in DeepLab.
+
+Semantics are those of pydensecrf's ``DenseCRF2D`` with ``unary_from_softmax(probs, clip)``,
+``addPairwiseGaussian(sxy=pos_xy_std, compat=pos_w)``,
+``addPairwiseBilateral(sxy=bi_xy_std, srgb=bi_rgb_std, rgbim=image, compat=bi_w)`` and
+``inference(iterations)``: Potts compatibility, symmetric kernel normalisation
+(``NORMALIZE_SYMMETRIC``, pydensecrf's default), the pixel's own contribution included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deeplab.crf.lattice import LatticeFilter, PermutohedralLattice
+
+__all__ = ["DenseCRF", "DenseKernel", "mean_field", "gaussian_features", "bilateral_features"]
+
+
+def gaussian_features(batch: int, height: int, width: int, xy_std: float, *, device=None) -> Tensor:
+    """Return the (B, H*W, 2) positional features ``(x / xy_std, y / xy_std)`` (x = column)."""
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32, device=device),
+        torch.arange(width, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    f = torch.stack([xs, ys], -1).reshape(1, height * width, 2) / float(xy_std)
+    return f.expand(batch, -1, -1)
+
+
+def bilateral_features(image: Tensor, xy_std: float, rgb_std: float) -> Tensor:
+    """Return the (B, H*W, 5) features ``(x, y) / xy_std, (r, g, b) / rgb_std`` of (B, H, W, 3) images."""
+    b, h, w, _ = image.shape
+    pos = gaussian_features(b, h, w, xy_std, device=image.device)
+    rgb = image.reshape(b, h * w, 3).to(torch.float32) / float(rgb_std)
+    return torch.cat([pos, rgb], -1)
+
+
+class DenseKernel:
+    """A Gaussian kernel on a lattice with pydensecrf's symmetric normalisation.
+
+    Args:
+        features: ``(B, N, d)`` features already divided by the standard deviations. With
+            B = 1 the kernel also filters a batch of values of that image size (the positional
+            kernel of same-size images is the same for all of them).
+
+    ``apply(q)`` returns ``norm * K (norm * q)`` with ``norm = 1 / sqrt(K 1)``
+    (``NORMALIZE_SYMMETRIC``); ``K`` includes the point itself, as pydensecrf's does.
+    """
+
+    def __init__(self, features: Tensor) -> None:
+        self.lattice = PermutohedralLattice(features)
+        lat = self.lattice
+        ones = torch.ones(lat.batch * lat.num_points, 1, dtype=torch.float32, device=features.device)
+        self.norm = 1.0 / torch.sqrt(lat.filter(ones) + 1e-20)  # (B*N, 1)
+        self._filter = LatticeFilter(lat, self.norm, self.norm)
+
+    def apply(self, q: Tensor) -> Tensor:
+        """Filter ``q`` of shape (P, C), P = B*N points (or any multiple of N when B = 1)."""
+        p = self.lattice.batch * self.lattice.num_points
+        if q.shape[0] == p:
+            return self._filter(q)
+        if self.lattice.batch == 1 and q.dim() == 2 and q.shape[0] % p == 0:
+            # Shared lattice: filter the batch as extra channels, (B*N, C) -> (N, B*C).
+            b, c = q.shape[0] // p, q.shape[1]
+            out = self._filter(q.reshape(b, p, c).transpose(0, 1).reshape(p, b * c))
+            return out.reshape(p, b, c).transpose(0, 1).reshape(b * p, c)
+        raise ValueError(f"q {tuple(q.shape)} does not fit a kernel built on {self.lattice.batch} x {p // self.lattice.batch} points")
+
+
+def mean_field(
+    unary: Tensor,
+    kernels: Sequence[DenseKernel],
+    weights: Sequence[float | Tensor],
+    iterations: int,
+) -> Tensor:
+    """Mean-field inference with Potts compatibility; returns Q of the unary's shape.
+
+    Args:
+        unary: ``(P, C)`` energies ``-log p`` (P = B*N points, C labels), float32 or float64.
+        kernels: the pairwise kernels, built once and reused by every iteration.
+        weights: one Potts weight per kernel (a float or a 0-d tensor that may require grad).
+        iterations: number of mean-field updates (pydensecrf's ``inference(n)``).
+
+    Each update is ``Q = softmax(-unary + sum_k w_k * K_k Q)`` (pydensecrf: PottsCompatibility
+    gives ``-w K Q`` and the energy subtracts it), starting from ``softmax(-unary)``.
+    Differentiable with respect to ``unary`` and tensor ``weights``.
+    """
+    if len(kernels) != len(weights):
+        raise ValueError(f"got {len(kernels)} kernels but {len(weights)} weights")
+    if unary.dim() != 2:
+        raise ValueError(f"unary must be (P, C), got shape {tuple(unary.shape)}")
+    log_p = -unary
+    q = torch.softmax(log_p, dim=1)
+    needs_grad = torch.is_grad_enabled() and (
+        unary.requires_grad or any(isinstance(w, Tensor) and w.requires_grad for w in weights)
+    )
+    if not needs_grad:
+        # Inference: one energy buffer reused by every iteration (fresh 16 MB tensors per step
+        # cost page faults on CPU).
+        with torch.no_grad():
+            energy = torch.empty_like(log_p)
+            for _ in range(iterations):
+                energy.copy_(log_p)
+                for kernel, w in zip(kernels, weights):
+                    if float(w) != 0:
+                        energy.add_(kernel.apply(q), alpha=float(w))
+                q = torch.softmax(energy, dim=1)
+        return q
+    for _ in range(iterations):
+        energy = log_p
+        for kernel, w in zip(kernels, weights):
+            if isinstance(w, Tensor):
+                energy = energy + w * kernel.apply(q)
+            elif w != 0:
+                energy = torch.add(energy, kernel.apply(q), alpha=float(w))
+        q = torch.softmax(energy, dim=1)
+    return q
+
+
+@dataclass
+class DenseCRF:
+    """The fully connected CRF, callable as ``crf(image, probs)``.
+
+    Args:
+        bi_w: weight of the bilateral (appearance) kernel, w1 in the paper. A float, or a 0-d
+            tensor (requires_grad for end-to-end training).
+        bi_xy_std: spatial standard deviation of the bilateral kernel (sigma_alpha, pixels).
+        bi_rgb_std: colour standard deviation of the bilateral kernel (sigma_beta, 0-255 units).
+        pos_w: weight of the smoothness (Gaussian) kernel, w2; float or 0-d tensor.
+        pos_xy_std: spatial standard deviation of the smoothness kernel (sigma_gamma, pixels).
+        iterations: mean-field iterations.
+        clip: probabilities are clipped to ``[clip, 1]`` before ``-log`` (pydensecrf's
+            ``unary_from_softmax``).
+        cache_positional: keep the last smoothness-kernel lattice (it depends only on the
+            image size) for the next call with the same size.
+
+    Defaults are kazuto1011/deeplab-pytorch's; see the README for the paper's and the official
+    release's values.
+    """
+
+    bi_w: float | Tensor = 4.0
+    bi_xy_std: float = 67.0
+    bi_rgb_std: float = 3.0
+    pos_w: float | Tensor = 3.0
+    pos_xy_std: float = 1.0
+    iterations: int = 10
+    clip: float = 1e-5
+    cache_positional: bool = True
+    _pos_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("bi_xy_std", "bi_rgb_std", "pos_xy_std"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and np.isfinite(value)):
+                raise ValueError(f"DenseCRF {name} must be a positive number, got {value!r}")
+        for name in ("bi_w", "pos_w"):
+            value = getattr(self, name)
+            if isinstance(value, Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"DenseCRF {name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+            elif not (isinstance(value, (int, float)) and np.isfinite(value)):
+                raise ValueError(f"DenseCRF {name} must be a finite number or a 0-d tensor, got {value!r}")
+        if not (isinstance(self.iterations, int) and self.iterations >= 0):
+            raise ValueError(f"DenseCRF iterations must be an int >= 0, got {self.iterations!r}")
+        if not (0 < self.clip < 1):
+            raise ValueError(f"DenseCRF clip must be in (0, 1), got {self.clip!r}")
+
+    def kernels(self, image: Tensor) -> list[DenseKernel]:
+        """Build the (smoothness, bilateral) kernels of (B, H, W, 3) uint8 images: the costly part.
+
+        The smoothness kernel depends only on (H, W, pos_xy_std), so one lattice serves the whole
+        batch, and the last one is kept for the next call of the same size.
+        """
+        b, h, w, _ = image.shape
+        key = (h, w, float(self.pos_xy_std), image.device)
+        cached = self._pos_cache.get(key) if self.cache_positional else None
+        if cached is None:
+            cached = DenseKernel(gaussian_features(1, h, w, self.pos_xy_std, device=image.device))
+            if self.cache_positional:
+                self._pos_cache.clear()
+                self._pos_cache[key] = cached
+        return [cached, DenseKernel(bilateral_features(image, self.bi_xy_std, self.bi_rgb_std))]
+
+    def __call__(self, image: np.ndarray | Tensor, probs: np.ndarray | Tensor) -> np.ndarray | Tensor:
+        """Refine softmax probabilities with the CRF.
+
+        Args:
+            image: uint8 RGB image (H, W, 3) or batch (B, H, W, 3), numpy or torch.
+            probs: probabilities (C, H, W) or (B, C, H, W), float16/32/64, numpy or torch; each
+                pixel's probabilities should sum to 1 (they are clipped to [clip, 1], then
+                the first mean-field step renormalises them).
+
+        Returns:
+            Refined probabilities of the same shape: numpy (float32) for numpy probs; a tensor of
+            the probs' dtype (float16 computes in float32) and device for torch probs.
+        """
+        is_numpy = isinstance(probs, np.ndarray)
+        img_t, p_t, batched = _check_inputs(image, probs)
+        out_dtype = p_t.dtype
+        work = p_t if p_t.dtype in (torch.float32, torch.float64) else p_t.to(torch.float32)
+        b, c, h, w = work.shape
+        kernels = self.kernels(img_t)
+        unary = -torch.log(work.clamp(self.clip, 1.0))
+        unary = unary.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        weights = [self.pos_w, self.bi_w]
+        weights = [x.to(work.device, work.dtype) if isinstance(x, Tensor) else float(x) for x in weights]
+        q = mean_field(unary, kernels, weights, self.iterations)
+        q = q.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if not batched:
+            q = q[0]
+        if is_numpy:
+            return q.detach().cpu().numpy().astype(np.float32, copy=False)
+        return q.to(out_dtype).contiguous()
+
+
+def _check_inputs(image: np.ndarray | Tensor, probs: np.ndarray | Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Validate and convert to tensors: image (B, H, W, 3) uint8, probs (B, C, H, W) float."""
+    if isinstance(probs, np.ndarray):
+        if probs.dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"probs must be float16/32/64 probabilities, got dtype {probs.dtype}; "
+                            "pass softmax(logits) (or use the CLI's --logits)")
+        probs_t = torch.from_numpy(np.ascontiguousarray(probs))
+    elif isinstance(probs, Tensor):
+        if probs.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"probs must be a float tensor of probabilities, got dtype {probs.dtype}")
+        probs_t = probs
+    else:
+        raise TypeError(f"probs must be a numpy array or a torch tensor, got {type(probs).__name__}")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"image must be uint8 RGB (0-255), got dtype {image.dtype} with shape {image.shape}")
+        image_t = torch.from_numpy(np.ascontiguousarray(image))
+    elif isinstance(image, Tensor):
+        if image.dtype != torch.uint8:
+            raise TypeError(f"image must be a uint8 RGB tensor (0-255), got dtype {image.dtype} with shape {tuple(image.shape)}")
+        image_t = image
+    else:
+        raise TypeError(f"image must be a numpy array or a torch tensor, got {type(image).__name__}")
+    if probs_t.dim() not in (3, 4):
+        raise ValueError(f"probs must be (C, H, W) or (B, C, H, W), got shape {tuple(probs_t.shape)}")
+    batched = probs_t.dim() == 4
+    if image_t.dim() != probs_t.dim() or image_t.shape[-1] != 3:
+        want = "(B, H, W, 3)" if batched else "(H, W, 3)"
+        raise ValueError(f"image must be RGB {want} to go with probs {tuple(probs_t.shape)}, "
+                         f"got image shape {tuple(image_t.shape)}")
+    if not batched:
+        image_t, probs_t = image_t[None], probs_t[None]
+    b, c, h, w = probs_t.shape
+    if tuple(image_t.shape[:3]) != (b, h, w):
+        raise ValueError(f"image {tuple(image_t.shape)} and probs {tuple(probs_t.shape)} differ in batch or size: "
+                         f"image must be (B, H, W, 3) = ({b}, {h}, {w}, 3)")
+    if c < 1 or h < 1 or w < 1:
+        raise ValueError(f"probs {tuple(probs_t.shape)} is empty")
+    if not bool(torch.isfinite(probs_t).all()):
+        raise ValueError(f"probs {tuple(probs_t.shape)} contain NaN or infinite values")
+    image_t = image_t.to(probs_t.device)
+    return image_t, probs_t, batched

@@ -1,0 +1,1 @@
+"""One module per data-set family; :mod:`deeplab.data` holds the name -> class table."""

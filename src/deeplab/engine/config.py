@@ -1,0 +1,400 @@
+"""Training configuration: a YAML file read into a typed dataclass tree.
+
+The tree is only read at the edge (``deeplab train``): :func:`deeplab.engine.train.train` takes
+the dataclasses, every other function takes plain typed arguments. Unknown keys and values of the
+wrong type are errors that name the offending key path (``solver.bse_lr``) and list the valid
+keys, so that a misspelt option never silently falls back to a default.
+
+Example::
+
+    cfg = load_config("configs/camvid_resnet18.yaml", overrides=["solver.max_iter=200"])
+    save_config(cfg, "runs/x/config.yaml")    # the fully resolved config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "SolverConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "load_config",
+    "parse_config",
+    "save_config",
+]
+
+# The paper's Caffe preprocessing: BGR channel order, mean subtracted, no division.
+CAFFE_BGR_MEAN: dict[str, Any] = {"mode": "caffe_bgr", "mean": [104.008, 116.669, 122.675]}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used (the message says why and where)."""
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build (arguments of :func:`deeplab.models.build_model`).
+
+    Args:
+        name: a name from ``deeplab models`` (e.g. ``deeplab_v2_resnet101``).
+        num_classes: number of classes; ``null`` takes the data set's.
+        output_stride: 8 (the paper) or 16.
+        atrous_rates: ASPP rates (ASPP-S (2, 4, 8, 12), ASPP-L (6, 12, 18, 24)); ``null`` = the model's default.
+        msc_scales: extra input scales for multi-scale training (the paper: [0.5, 0.75]); ``null`` = none.
+        freeze_bn: freeze batch-norm statistics and affine parameters (the paper, with ImageNet /
+            COCO initialisation); from-scratch training needs ``false``.
+        sync_bn: synchronise batch-norm statistics across processes (distributed runs, BN not frozen).
+    """
+
+    name: str = "deeplab_v2_resnet101"
+    num_classes: int | None = None
+    output_stride: int = 8
+    atrous_rates: list[int] | None = None
+    msc_scales: list[float] | None = None
+    freeze_bn: bool = True
+    sync_bn: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Training and validation data, augmentation and loss weighting.
+
+    Args:
+        dataset: a name from :func:`deeplab.data.list_datasets` (``voc12_aug``, ``camvid`` ...).
+        root: the data set's folder; relative paths are taken from the current directory;
+            ``$VARS`` and ``~`` are expanded.
+        train_split / val_split: split names (``val_split: null`` skips validation).
+        crop_size: training crop, an int or ``[height, width]`` (the paper: 321).
+        scale_range: random scale range (the paper: [0.5, 1.5]); ``[1, 1]`` turns scaling off.
+        flip: random horizontal flip.
+        normalization: ``{mode: caffe_bgr, mean: [...]}`` or ``{mode: rgb, mean: [...], std: [...]}``.
+        ignore_index: label excluded from the loss and the metrics.
+        class_weights: ``null`` (none), ``median_freq`` (median frequency balancing, computed from
+            the training masks) or one weight per class.
+        num_workers: DataLoader worker processes per training process.
+        val_max_images: validate on the first N validation images only (``null`` = all).
+    """
+
+    dataset: str = "voc12_aug"
+    root: str = "data/VOCdevkit/VOC2012"
+    train_split: str = "train_aug"
+    val_split: str | None = "val"
+    crop_size: int | list[int] = 321
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    flip: bool = True
+    normalization: dict[str, Any] = field(default_factory=lambda: dict(CAFFE_BGR_MEAN))
+    ignore_index: int = 255
+    class_weights: str | list[float] | None = None
+    num_workers: int = 2
+    val_max_images: int | None = None
+
+
+@dataclass
+class SolverConfig:
+    """The optimiser and schedule (the paper's: SGD, momentum 0.9, weight decay 5e-4, poly 0.9).
+
+    Args:
+        base_lr: learning rate of the backbone weights at iteration 0.
+        momentum / weight_decay: SGD's.
+        lr_power: poly exponent: ``lr = base_lr * (1 - iter / max_iter) ** lr_power``.
+        max_iter: number of optimiser steps.
+        batch_size: images per forward pass *per process*.
+        iter_size: forward/backward passes accumulated per step (Caffe's ``iter_size``); the
+            global batch is ``batch_size * iter_size * world_size``.
+        bias_lr_mult: backbone biases' lr multiplier (Caffe ``lr_mult: 2``, no decay).
+        classifier_lr_mult / classifier_bias_lr_mult: the classifier's weights (10) and biases (20).
+    """
+
+    base_lr: float = 2.5e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_power: float = 0.9
+    max_iter: int = 20000
+    batch_size: int = 5
+    iter_size: int = 2
+    bias_lr_mult: float = 2.0
+    classifier_lr_mult: float = 10.0
+    classifier_bias_lr_mult: float = 20.0
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run.
+
+    Args:
+        model / data / solver: the sections above.
+        precision: ``bf16`` (autocast on CPU and CUDA; the loss in fp32) or ``fp32``.
+        channels_last: NHWC memory format (faster convolutions with bf16 on CPUs and GPUs).
+        init_weights: a ``.safetensors`` file to start from (e.g. ``deeplab convert init.caffemodel``);
+            tensors whose name or shape do not match (a classifier with another class count)
+            are skipped and listed.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        seed: seeds the initialisation, the data order and the augmentation.
+        val_interval / checkpoint_interval / log_interval: in iterations (0 = only at the end).
+        keep_checkpoints: how many periodic checkpoints to keep (older ones are deleted).
+        tensorboard: also log to TensorBoard (``pip install deeplab[tensorboard]``).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    channels_last: bool = True
+    init_weights: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    val_interval: int = 1000
+    checkpoint_interval: int = 1000
+    log_interval: int = 20
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return repr(tp).replace("typing.", "")
+    return getattr(tp, "__name__", repr(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float, tuple -> list)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        deeper: list[ConfigError] = []
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as e:
+                # An arm that got inside the value (a list item, a section) knows better.
+                if not str(e).startswith(f"{path}:"):
+                    deeper.append(e)
+        if len(deeper) == 1:
+            raise deeper[0]
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{path}: expected null, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{path}: expected one of {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_convert(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, path)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "1e-3" (no dot) as a string: accept it, it is what the user meant.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")  # a bug in this module
+
+
+def _from_dict(cls: type, data: Any, path: str) -> Any:
+    where = path or "the top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in valid]
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise ConfigError(f"unknown config key {key!r}; valid keys at {where}: {', '.join(valid)}")
+    kwargs = {}
+    for name in valid:
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    s, d, m = cfg.solver, cfg.data, cfg.model
+    positive = {
+        "solver.base_lr": s.base_lr,
+        "solver.max_iter": s.max_iter,
+        "solver.batch_size": s.batch_size,
+        "solver.iter_size": s.iter_size,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be > 0, got {value!r}")
+    for key, value in {
+        "val_interval": cfg.val_interval,
+        "checkpoint_interval": cfg.checkpoint_interval,
+        "log_interval": cfg.log_interval,
+        "data.num_workers": d.num_workers,
+        "solver.weight_decay": s.weight_decay,
+        "solver.momentum": s.momentum,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError(f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    crop = [d.crop_size] * 2 if isinstance(d.crop_size, int) else d.crop_size
+    if len(crop) != 2 or min(crop) < 1:
+        raise ConfigError(f"data.crop_size must be an int or [height, width] > 0, got {d.crop_size!r}")
+    if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
+        raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high, got {d.scale_range!r}")
+    if isinstance(d.class_weights, str) and d.class_weights != "median_freq":
+        raise ConfigError(
+            f"data.class_weights must be null, 'median_freq' or a list of numbers, got {d.class_weights!r}"
+        )
+    norm = d.normalization
+    mode = norm.get("mode")
+    allowed = {"caffe_bgr": {"mode", "mean"}, "rgb": {"mode", "mean", "std"}}
+    if mode not in allowed:
+        raise ConfigError(f"data.normalization.mode must be 'caffe_bgr' or 'rgb', got {mode!r}")
+    extra = set(norm) - allowed[mode]
+    if extra or "mean" not in norm or (mode == "rgb" and "std" not in norm):
+        raise ConfigError(
+            f"data.normalization for mode {mode!r} takes exactly the keys {sorted(allowed[mode])}, "
+            f"got {sorted(norm)}"
+        )
+    for key in sorted(allowed[mode] - {"mode"}):
+        vals = norm[key]
+        if not (isinstance(vals, list) and len(vals) == 3 and all(isinstance(v, (int, float)) for v in vals)):
+            raise ConfigError(f"data.normalization.{key} must be a list of 3 numbers, got {vals!r}")
+    if m.output_stride not in (8, 16, 32):
+        raise ConfigError(f"model.output_stride must be 8, 16 or 32, got {m.output_stride}")
+    if m.num_classes is not None and m.num_classes < 1:
+        raise ConfigError(f"model.num_classes must be >= 1 or null, got {m.num_classes}")
+    if m.msc_scales is not None and any(not 0 < x <= 4 for x in m.msc_scales):
+        raise ConfigError(f"model.msc_scales must be in (0, 4], got {m.msc_scales}")
+    if m.sync_bn and m.freeze_bn:
+        raise ConfigError("model.sync_bn needs trainable batch norm: set model.freeze_bn: false")
+
+
+def _set_path(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_config(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Build a validated :class:`TrainConfig` from a mapping plus ``key.sub=value`` overrides.
+
+    Args:
+        data: the parsed YAML mapping (``None`` = every default).
+        overrides: strings ``section.key=value``; values are parsed as YAML (``1e-3``, ``[1, 2]``, ``null``).
+
+    Raises:
+        ConfigError: unknown key (the message lists the valid ones), wrong type or bad value.
+    """
+    tree = dict(data or {})
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        _set_path(tree, key, value)
+    cfg = _from_dict(TrainConfig, tree, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config file, apply ``key=value`` overrides and validate it.
+
+    Args:
+        path: the YAML file.
+        overrides: ``section.key=value`` strings (as ``deeplab train --set``).
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, unknown key, wrong type.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return parse_config(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain Python types (what :func:`save_config` writes)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the fully resolved config as YAML, atomically (temporary file + rename)."""
+    path = Path(path)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def resolve_data_root(root: str) -> Path:
+    """Expand ``~`` and ``$VARS`` in a configured data root; relative to the current directory."""
+    return Path(os.path.expandvars(os.path.expanduser(root))).resolve()

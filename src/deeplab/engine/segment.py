@@ -1,0 +1,356 @@
+"""Segmenting single images: loading a model with its metadata, overlays, ``deeplab.segment``.
+
+:func:`load_bundle` turns a weights file (or the packaged default model) into a prepared model
+together with what inference needs from the file's metadata: class names, palette,
+normalisation and CRF parameters. :func:`segment` is the one-call Python API mirroring
+``deeplab segment``; :func:`overlay` draws the image blended with the class colours and a legend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deeplab.engine.inference import (
+    DEFAULT_MAX_PIXELS,
+    Precision,
+    finish_prediction,
+    labels_from_logits,
+    predict_logits,
+    prepare_model,
+    upsample_logits,
+)
+
+__all__ = ["ModelBundle", "load_bundle", "overlay", "segment", "DEFAULT_NORMALIZATION"]
+
+#: The paper's input normalisation (Caffe: BGR minus the ImageNet mean, no division).
+DEFAULT_NORMALIZATION = {"mode": "caffe_bgr", "mean": [104.008, 116.669, 122.675]}
+
+
+@dataclass
+class ModelBundle:
+    """A prepared (eval-mode, inference-optimised) model and its metadata.
+
+    Attributes:
+        model: the prepared model.
+        name: ``build_model`` name (or the module's class name).
+        class_names: one name per class.
+        palette: uint8 (num_classes, 3) RGB colours.
+        normalization: the input normalisation spec.
+        crf_params: ``DenseCRF`` keyword arguments stored with the weights ({} for the defaults).
+        precision: ``"bf16"`` or ``"fp32"``.
+        device: where the model runs.
+        metadata: the weights file's full metadata ({} without a file).
+    """
+
+    model: nn.Module
+    name: str
+    class_names: tuple[str, ...]
+    palette: np.ndarray
+    normalization: dict
+    crf_params: dict = field(default_factory=dict)
+    precision: Precision = "bf16"
+    device: str = "cpu"
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _default_palette(num_classes: int) -> np.ndarray:
+    from deeplab.data.palettes import voc_palette
+
+    return voc_palette(max(num_classes, 1))[:num_classes].astype(np.uint8)
+
+
+def check_device(device: str | torch.device) -> str:
+    """Validate a device string; a clear error when CUDA is asked for but absent."""
+    dev = str(device)
+    if dev not in ("cpu",) and not dev.startswith("cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {dev!r}")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {dev!r} asked for but CUDA is not available here: use --device cpu")
+    return dev
+
+
+def bundle_from_model(
+    model: nn.Module,
+    metadata: dict | None = None,
+    *,
+    precision: Precision = "bf16",
+    device: str = "cpu",
+    optimize: bool = True,
+) -> ModelBundle:
+    """Wrap an in-memory model (and optional metadata) into a prepared :class:`ModelBundle`."""
+    meta = dict(metadata or {})
+    num_classes = int(getattr(model, "num_classes", meta.get("num_classes", 0)) or 0)
+    if num_classes <= 0:
+        raise ValueError("cannot tell the model's number of classes: give it a num_classes attribute")
+    names = tuple(meta.get("class_names") or (f"class_{i}" for i in range(num_classes)))
+    if len(names) != num_classes:
+        raise ValueError(f"metadata lists {len(names)} class names for {num_classes} classes")
+    palette = meta.get("palette")
+    palette = (
+        np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+        if palette is not None
+        else _default_palette(num_classes)
+    )
+    if len(palette) < num_classes:
+        palette = np.concatenate([palette, _default_palette(num_classes)[len(palette) :]])
+    device = check_device(device)
+    prepared = prepare_model(model, precision=precision, device=device) if optimize else model
+    return ModelBundle(
+        model=prepared,
+        name=str(meta.get("model", type(model).__name__)),
+        class_names=names,
+        palette=palette[:num_classes],
+        normalization=dict(meta.get("normalization") or DEFAULT_NORMALIZATION),
+        crf_params=dict(meta.get("crf") or {}),
+        precision=precision,
+        device=device,
+        metadata=meta,
+    )
+
+
+def load_bundle(
+    weights: str | os.PathLike | None = None,
+    *,
+    model_name: str | None = None,
+    precision: Precision = "bf16",
+    device: str = "cpu",
+) -> ModelBundle:
+    """Build the model of a weights file, load it and prepare it for inference.
+
+    Args:
+        weights: a ``.safetensors`` file from ``deeplab train`` / ``deeplab convert``; None for
+            the packaged default model (``deeplab.weights.default_weights_path()``).
+        model_name: expected ``build_model`` name; an error if the file says otherwise.
+        precision: ``"bf16"`` or ``"fp32"``.
+        device: ``"cpu"`` or ``"cuda"``.
+
+    Raises:
+        FileNotFoundError: no such weights file (or no packaged default model).
+        ValueError: the file holds another model than ``model_name``, or is not valid.
+    """
+    from deeplab.weights import build_from_weights, default_weights_path, read_metadata
+
+    device = check_device(device)
+    path = Path(weights) if weights is not None else default_weights_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found: check the path given to --weights")
+    meta = read_metadata(path)
+    if model_name is not None and meta.get("model") not in (None, model_name):
+        raise ValueError(
+            f"{path} holds a {meta.get('model')!r} model, not {model_name!r}: drop --model or "
+            "pass the matching weights"
+        )
+    overrides = {"model": model_name} if model_name is not None and not meta.get("model") else {}
+    model, meta = build_from_weights(path, **overrides)
+    return bundle_from_model(model, meta, precision=precision, device=device)
+
+
+# --------------------------------------------------------------------------- overlays
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    palette: np.ndarray,
+    class_names: Sequence[str] | None = None,
+    *,
+    alpha: float = 0.5,
+    legend: bool = True,
+) -> np.ndarray:
+    """The image blended with its label colours, with a legend of the classes present.
+
+    Args:
+        image: uint8 (H,W,3) RGB.
+        labels: (H,W) class indices (values outside the palette, e.g. 255, are left unblended).
+        palette: uint8 (N,3) RGB colours.
+        class_names: names for the legend (None: no legend).
+        alpha: weight of the colours (0: image only, 1: colours only).
+        legend: draw the legend box in the top-left corner.
+
+    Returns:
+        uint8 (H,W,3) RGB.
+    """
+    from PIL import Image, ImageDraw
+
+    image = np.asarray(image, dtype=np.uint8)
+    labels = np.asarray(labels)
+    palette = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    valid = labels < len(palette)
+    colours = palette[np.where(valid, labels, 0)].astype(np.float32)
+    out = image.astype(np.float32)
+    blend = (1 - alpha) * out + alpha * colours
+    out = np.where(valid[..., None], blend, out).round().clip(0, 255).astype(np.uint8)
+    if not legend or class_names is None:
+        return out
+    present = [int(c) for c in np.unique(labels[valid])]
+    if not present:
+        return out
+    h, w = out.shape[:2]
+    size = max(10, min(h, w) // 30)
+    font = _font(size)
+    pil = Image.fromarray(out)
+    draw = ImageDraw.Draw(pil, "RGBA")
+    pad = max(2, size // 4)
+    texts = [str(class_names[c]) if c < len(class_names) else str(c) for c in present]
+    widths = [draw.textlength(t, font=font) for t in texts]
+    box_w = int(pad * 3 + size + max(widths))
+    box_h = int(pad + len(present) * (size + pad))
+    draw.rectangle([0, 0, box_w, box_h], fill=(0, 0, 0, 150))
+    for k, (c, text) in enumerate(zip(present, texts)):
+        y = pad + k * (size + pad)
+        draw.rectangle([pad, y, pad + size, y + size], fill=tuple(int(v) for v in palette[c]),
+                       outline=(255, 255, 255))
+        draw.text((pad * 2 + size, y), text, fill=(255, 255, 255), font=font)
+    return np.asarray(pil)
+
+
+def save_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 90) -> None:
+    """Write an RGB uint8 image as JPEG atomically (temp file + ``os.replace``)."""
+    import tempfile
+
+    from PIL import Image
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(fh, format="JPEG", quality=quality)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- the Python API
+
+_CACHE: dict[tuple, ModelBundle] = {}
+
+
+def _cached_bundle(weights: str | os.PathLike | None, model_name: str | None,
+                   precision: Precision, device: str) -> ModelBundle:
+    from deeplab.weights import default_weights_path
+
+    path = Path(weights) if weights is not None else default_weights_path()
+    try:
+        stamp = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise FileNotFoundError(f"weights file {path} not found") from None
+    key = (str(path.resolve()), stamp, model_name, precision, str(device))
+    if key not in _CACHE:
+        _CACHE.clear()  # keep one model: they are large
+        _CACHE[key] = load_bundle(path, model_name=model_name, precision=precision, device=device)
+    return _CACHE[key]
+
+
+def _as_image(image: Any) -> np.ndarray:
+    from deeplab.data.io import read_image
+
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    try:
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            return np.asarray(image.convert("RGB"))
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        pass
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"expected an (H,W,3) RGB image, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {arr.dtype}: convert it to 0..255 uint8")
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def segment(
+    image: Any,
+    model: nn.Module | str | None = None,
+    weights: str | os.PathLike | None = None,
+    crf: bool | dict = False,
+    msc_scales: Sequence[float] | None = None,
+    precision: Precision = "bf16",
+    device: str = "cpu",
+    *,
+    flip: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Segment one image; mirrors ``deeplab segment``.
+
+    Args:
+        image: a path, a PIL image or a uint8 (H,W,3) RGB array (grayscale (H,W) accepted).
+        model: None (the model of ``weights``, or the packaged default model), a model name (it
+            must match the one stored in ``weights``) or an ``nn.Module`` (then ``weights``,
+            if given, only supplies the metadata: normalisation, classes).
+        weights: a ``.safetensors`` weights file; None for the default model.
+        crf: refine with the fully connected CRF: True (the parameters stored with the weights,
+            else ``DenseCRF``'s defaults) or a dict of ``DenseCRF`` keyword arguments.
+        msc_scales: extra input scales fused by a max, e.g. ``(0.5, 0.75)``.
+        precision: ``"bf16"`` (default) or ``"fp32"``.
+        device: ``"cpu"`` or ``"cuda"``.
+        flip: also average with the mirrored image.
+        max_pixels: larger images are downscaled for the network (the output stays full size).
+
+    Returns:
+        ``(labels, probs)``: uint8 (H,W) class indices (int32 above 256 classes) and float32
+        (C,H,W) probabilities (after the CRF when ``crf`` is on).
+    """
+    img = _as_image(image)
+    if isinstance(model, nn.Module):
+        meta: dict = {}
+        if weights is not None:
+            from deeplab.weights import read_metadata
+
+            meta = read_metadata(weights)
+        bundle = bundle_from_model(model, meta, precision=precision, device=device)
+    else:
+        bundle = _cached_bundle(weights, model, precision, device)
+    logits = predict_logits(
+        bundle.model,
+        img,
+        normalization=bundle.normalization,
+        msc_scales=msc_scales,
+        flip=flip,
+        precision=precision,
+        max_pixels=max_pixels,
+    )
+    size = img.shape[:2]
+    if crf:
+        from deeplab.crf import DenseCRF
+
+        params = dict(bundle.crf_params)
+        if isinstance(crf, dict):
+            params.update(crf)
+        crf_fn = DenseCRF(**params)
+        # finish_prediction's rounding, so the labels equal `deeplab segment --crf`'s.
+        _, probs16 = finish_prediction(logits, img, want_probs=True)
+        probs = torch.as_tensor(crf_fn(img, probs16.float()))
+        labels = probs.argmax(0).numpy()
+    else:
+        probs = torch.softmax(upsample_logits(logits, size), dim=1)[0].cpu()
+        labels = labels_from_logits(logits, size)[0].cpu().numpy()
+    labels = labels.astype(np.uint8 if bundle.num_classes <= 256 else np.int32)
+    return labels, probs.numpy()
+

@@ -1,0 +1,235 @@
+"""The project's own weight files: safetensors with JSON metadata.
+
+A weights file is a plain safetensors file whose string-to-string header metadata holds
+JSON-encoded values under these keys (all optional except ``model`` and ``num_classes``,
+which ``save_weights`` fills from the model when it can):
+
+``model``          the ``build_model`` name, e.g. ``"deeplab_v2_resnet101"``
+``num_classes``    int
+``class_names``    list of str, one per class
+``palette``        list of ``[r, g, b]``, one per class
+``normalization``  the input normalisation spec, e.g. ``{"mode": "caffe_bgr", "mean": [...]}``
+``model_kwargs``   ``{"output_stride": 8, "atrous_rates": [6, 12, 18, 24], "msc_scales": null}``
+``crf``            ``DenseCRF`` keyword arguments
+anything else      free-form (``source``, ``miou``, ``dataset``...), JSON-encoded too
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["save_weights", "save_state_dict", "read_metadata", "read_safetensors", "METADATA_KEYS"]
+
+METADATA_KEYS = (
+    "model",
+    "num_classes",
+    "class_names",
+    "palette",
+    "normalization",
+    "model_kwargs",
+    "crf",
+)
+# safetensors' own convention: tools such as transformers read this key.
+_FORMAT_KEY = "format"
+
+
+def _encode_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise TypeError(f"metadata keys must be strings, got {key!r}")
+        if key == _FORMAT_KEY:
+            continue
+        try:
+            out[key] = json.dumps(value, sort_keys=True)
+        except TypeError as e:
+            raise TypeError(f"metadata[{key!r}] is not JSON-serialisable: {e}") from None
+    out[_FORMAT_KEY] = "pt"
+    return out
+
+
+def _decode_metadata(raw: Mapping[str, str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in (raw or {}).items():
+        if key == _FORMAT_KEY:
+            continue
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # written by another tool: keep the raw string
+    return out
+
+
+def _model_metadata(model: nn.Module) -> dict[str, Any]:
+    """What the model itself can tell: zoo name, class count and build options."""
+    meta: dict[str, Any] = {}
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int):
+        meta["num_classes"] = num_classes
+    name = getattr(model, "name", None)
+    if isinstance(name, str) and name:
+        meta["model"] = name
+    kwargs: dict[str, Any] = {}
+    output_stride = getattr(model, "output_stride", None)
+    if isinstance(output_stride, int):
+        kwargs["output_stride"] = output_stride
+    # build_model's atrous_rates are given at output stride 8 and so is the attribute.
+    rates = getattr(model, "atrous_rates", None)
+    if rates is not None:
+        kwargs["atrous_rates"] = [int(r) for r in rates]
+    scales = getattr(model, "msc_scales", None)
+    kwargs["msc_scales"] = [float(s) for s in scales] if scales else None
+    if kwargs:
+        meta["model_kwargs"] = kwargs
+    return meta
+
+
+def _validate_metadata(meta: Mapping[str, Any]) -> None:
+    n = meta.get("num_classes")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"metadata num_classes must be a positive int, got {n!r}")
+    for key in ("class_names", "palette"):
+        value = meta.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"metadata {key} must be a list, got {type(value).__name__}")
+        if n is not None and len(value) != n:
+            raise ValueError(f"metadata {key} has {len(value)} entries but num_classes is {n}")
+    palette = meta.get("palette")
+    if palette is not None:
+        for rgb in palette:
+            if len(rgb) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in rgb):
+                raise ValueError(f"metadata palette entries must be [r, g, b] ints in 0..255, got {rgb!r}")
+
+
+def _to_plain(value: Any) -> Any:
+    """numpy arrays / tuples -> lists so that JSON accepts palettes and kwargs."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a state dict and metadata to a safetensors file atomically (temp file + rename).
+
+    Args:
+        state_dict: tensor name -> tensor (moved to the CPU, made contiguous; tensors sharing
+            storage are copied, as safetensors requires).
+        path: destination; its parent folder must exist.
+        metadata: JSON-serialisable values (see the module docstring for the known keys).
+    """
+    from safetensors.torch import save_file
+
+    meta = {k: _to_plain(v) for k, v in (metadata or {}).items()}
+    _validate_metadata(meta)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] is a {type(value).__name__}, not a tensor")
+        t = value.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen:
+            t = t.clone()
+        elif ptr != -1:
+            seen.add(ptr)
+        tensors[key] = t
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=_encode_metadata(meta))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_weights(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save a model's weights as safetensors with the project's metadata.
+
+    ``num_classes`` (and ``model``, when the model carries its zoo name) are filled from the
+    model unless ``metadata`` gives them; a ``num_classes`` that disagrees with the model is
+    an error.
+
+    Args:
+        model: the network (``build_model`` output, with or without the MSC wrapper).
+        path: destination ``.safetensors`` file, written atomically.
+        metadata: extra keys, e.g. ``{"model": "deeplab_v2_resnet101", "class_names": [...],
+            "palette": [[0, 0, 0], ...], "normalization": {...}, "model_kwargs": {...}}``.
+
+    Returns:
+        The path written.
+    """
+    meta: dict[str, Any] = _model_metadata(model)
+    given = dict(metadata or {})
+    if "num_classes" in given and "num_classes" in meta and given["num_classes"] != meta["num_classes"]:
+        raise ValueError(
+            f"metadata num_classes={given['num_classes']} but the model has {meta['num_classes']} classes"
+        )
+    meta.update(given)
+    return save_state_dict(model.state_dict(), path, meta)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the decoded metadata of a safetensors weights file (no tensors are read).
+
+    Other formats (``.pth``, ``.caffemodel``) carry no metadata: an empty dict is returned.
+
+    Args:
+        path: the weights file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return _decode_metadata(f.metadata())
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad header
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return ``(state_dict, metadata)`` of a safetensors file, tensors on the CPU.
+
+    Args:
+        path: the ``.safetensors`` file.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors, read_metadata(path)

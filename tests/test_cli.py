@@ -1,0 +1,189 @@
+"""The command line: the subcommand table, `eval`, `crf-search` and `--report`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _evaluation_helpers import CAFFE, random_dataset, run_cli, tiny_weights, write_folder_dataset
+
+
+def test_help_lists_every_subcommand_and_each_help_works(capsys):
+    from deeplab.cli import _COMMANDS, main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for name in _COMMANDS:
+        assert name in text, name
+    for name in _COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0, name
+        assert "usage: deeplab " + name in capsys.readouterr().out
+
+
+def test_console_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "deeplab", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "segment" in out.stdout and "crf-search" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    ds = random_dataset(n=3)
+    data = write_folder_dataset(root / "data", ds)
+    weights = tiny_weights(root / "tiny.safetensors")
+    return root, data, weights, ds
+
+
+def _eval_args(data: Path, weights: Path, *extra: str) -> list[str]:
+    return ["eval", "--dataset", "folder", "--data-root", str(data), "--split", "all",
+            "--weights", str(weights), *extra]
+
+
+def test_eval_json_report_and_agreement_with_the_api(setup, tmp_path, capsys):
+    from deeplab.data import build_dataset
+    from deeplab.engine.evaluate import evaluate
+    from deeplab.weights import build_from_weights
+
+    root, data, weights, ds = setup
+    out_json = tmp_path / "r.json"
+    rc = run_cli(_eval_args(data, weights, "--json", str(out_json), "--report", str(tmp_path / "rep")))
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and "green" in printed  # the per-class table
+    r = json.loads(out_json.read_text())
+    model, _ = build_from_weights(weights)
+    ref = evaluate(model, build_dataset("folder", data, "all"), normalization=CAFFE)
+    assert r["miou"] == pytest.approx(ref["miou"]) and r["num_images"] == 3
+    assert list(r["per_class_iou"]) == ["bg", "red", "green", "blue"]
+    assert [r["per_class_iou"][n] for n in ds.class_names] == pytest.approx(ref["per_class_iou"])
+    for key in ("pixel_acc", "mean_acc", "fwiou"):
+        assert r[key] == pytest.approx(ref[key])
+    s = r["settings"]
+    assert s["precision"] == "bf16" and s["crf"] is None and s["split"] == "all"
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2 + 3 * 2  # 2 charts + image triplets
+    assert "per-class IoU" in page and "Worst" in page and "Best" in page
+
+
+def test_report_without_matplotlib_falls_back_to_tables(setup):
+    from deeplab.engine.report import render_report
+
+    _, _, _, ds = setup
+    mat = np.array([[5, 1, 0, 0], [0, 3, 0, 0], [0, 0, 0, 0], [1, 0, 0, 2]])
+    from deeplab.engine.metrics import metrics_from_matrix
+
+    result = metrics_from_matrix(mat) | {"num_images": 1}
+    page = render_report(result, dataset=ds, class_names=ds.class_names, palette=ds.palette,
+                         use_matplotlib=False)
+    assert "matplotlib is not installed" in page and "<table>" in page
+    assert "83" in page  # 5/6 of the bg row, in the heat-map table
+
+
+def test_eval_crf_equals_crf_on_saved_probs_and_crf_search_reuses_them(setup, tmp_path, capsys):
+    from deeplab.crf import DenseCRF
+    from deeplab.engine.evaluate import probs_path
+    from deeplab.engine.metrics import ConfusionMatrix
+
+    root, data, weights, ds = setup
+    probs_dir = tmp_path / "probs"
+    params = "bi_w=5,bi_xy_std=20,bi_rgb_std=5,pos_w=3,pos_xy_std=3"
+    rc = run_cli(_eval_args(data, weights, "--crf", "--crf-params", params, "--save-probs",
+                            str(probs_dir), "--json", str(tmp_path / "crf.json")))
+    assert rc == 0
+    r = json.loads((tmp_path / "crf.json").read_text())
+    assert r["settings"]["crf"]["bi_xy_std"] == 20
+    # the same CRF on the saved probabilities, applied directly
+    crf = DenseCRF(bi_w=5, bi_xy_std=20, bi_rgb_std=5, pos_w=3, pos_xy_std=3)
+    cm = ConfusionMatrix(4)
+    for sid, image, mask in zip(ds.ids, ds.images, ds.masks):
+        cm.update(crf(image, np.load(probs_path(probs_dir, sid))).argmax(0), mask)
+    assert r["confusion_matrix"] == cm.mat.tolist()
+
+    # crf-search on the saved probabilities: its number for this setting is eval --crf's
+    out = tmp_path / "search.json"
+    rc = run_cli(["crf-search", "--dataset", "folder", "--data-root", str(data), "--split", "all",
+                  "--probs", str(probs_dir), "--bi-w", "3,5", "--bi-xy-std", "20", "--bi-rgb-std", "5",
+                  "--pos-w", "3", "--pos-xy-std", "3", "--no-refine", "--json", str(out)])
+    assert rc == 0
+    assert "best: --crf-params" in capsys.readouterr().out
+    s = json.loads(out.read_text())
+    row = next(x for x in s["settings"] if x["bi_w"] == 5)
+    assert row["miou"] == pytest.approx(r["miou"], abs=1e-12)
+    assert s["best_miou"] == max(x["miou"] for x in s["settings"]) and len(s["settings"]) == 2
+
+
+def test_crf_search_computes_probabilities_once_and_refines(setup, tmp_path, monkeypatch, capsys):
+    import deeplab.engine.inference as inference
+
+    root, data, weights, ds = setup
+    calls = []
+    real = inference.predict_probs
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(inference, "predict_probs", counting)
+    out = tmp_path / "s.json"
+    rc = run_cli(["crf-search", "--dataset", "folder", "--data-root", str(data), "--split", "all",
+                  "--weights", str(weights), "--limit", "2", "--bi-w", "3:2:5",
+                  "--bi-xy-std", "10,30", "--bi-rgb-std", "4", "--iterations", "2", "--json", str(out)])
+    assert rc == 0
+    s = json.loads(out.read_text())
+    assert len(calls) == 2  # once per image, not once per setting
+    rounds = [x["round"] for x in s["settings"]]
+    assert rounds.count("coarse") == 4 and rounds.count("fine") > 0
+    keys = {(x["bi_w"], x["bi_xy_std"], x["bi_rgb_std"]) for x in s["settings"]}
+    assert len(keys) == len(s["settings"])  # no setting measured twice
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--crf", "--crf-params", "bi_q=3"], "unknown parameter 'bi_q'"),
+        (["--crf-params", "bi_w=3"], "without --crf"),
+        (["--crf", "--crf-params", "bi_w"], "KEY=VALUE"),
+        (["--limit", "0"], "--limit"),
+        (["--sliding-window", "4"], "--sliding-window"),
+    ],
+)
+def test_eval_bad_options(setup, capsys, extra, message):
+    _, data, weights, _ = setup
+    assert run_cli(_eval_args(data, weights, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
+
+
+def test_eval_bad_data_and_weights(setup, tmp_path, capsys):
+    root, data, weights, _ = setup
+    assert run_cli(["eval", "--dataset", "nope", "--data-root", str(data), "--weights", str(weights)]) == 2
+    assert "unknown data set 'nope'" in capsys.readouterr().err
+    assert run_cli(["eval", "--dataset", "camvid", "--data-root", str(tmp_path / "x"),
+                    "--weights", str(weights)]) == 2
+    assert "error:" in capsys.readouterr().err
+    w5 = tiny_weights(tmp_path / "five.safetensors", num_classes=5)
+    # 5-class weights on a 4-class data set: folder data set reads classes.txt (4 classes)
+    assert run_cli(_eval_args(data, w5)) == 2
+    assert "5 classes" in capsys.readouterr().err
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    assert run_cli(_eval_args(data, weights, "--json", str(blocker / "r.json"))) == 2
+    assert "--json" in capsys.readouterr().err
+    assert run_cli(["crf-search", "--dataset", "folder", "--data-root", str(data), "--split", "all",
+                    "--probs", str(tmp_path / "none")]) == 2
+    assert "--save-probs" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli(["crf-search", "--dataset", "folder", "--data-root", str(data), "--split", "all",
+                    "--probs", str(empty)]) == 2
+    assert "missing" in capsys.readouterr().err

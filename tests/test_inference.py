@@ -1,0 +1,165 @@
+"""predict_probs / predict_logits: MSC fusion, flipping, sliding windows, the size cap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from _evaluation_helpers import CAFFE, PALETTE, ColourOracle
+from deeplab.engine.inference import (
+    finish_prediction,
+    labels_from_logits,
+    predict_logits,
+    predict_probs,
+    prepare_model,
+    upsample_logits,
+)
+
+
+@pytest.fixture(scope="module")
+def r18():
+    from deeplab.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("deeplab_v2_resnet18", num_classes=5).eval()
+
+
+@pytest.fixture(scope="module")
+def m32(r18):
+    return prepare_model(r18, precision="fp32")
+
+
+def _image(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+class Pointwise(nn.Module):
+    """A 1x1 convolution: each pixel's logits depend on that pixel only (stride 1)."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_probs_shape_sum_and_precision(r18, m32):
+    img = _image(37, 45)
+    p32 = predict_probs(m32, img, normalization=CAFFE, precision="fp32")
+    assert p32.shape == (1, 5, 37, 45) and p32.dtype == torch.float32
+    assert torch.allclose(p32.sum(1), torch.ones(1, 37, 45), atol=1e-5)
+    # the fp32 path equals running the plain model by hand
+    from deeplab.data.transforms import normalize_image
+
+    with torch.no_grad():
+        ref = r18(normalize_image(img, CAFFE)[None])
+    ref = torch.softmax(torch.nn.functional.interpolate(ref, size=(37, 45), mode="bilinear",
+                                                        align_corners=True), 1)
+    assert torch.allclose(p32, ref, atol=1e-4)
+    mbf = prepare_model(r18)
+    pbf = predict_probs(mbf, img, normalization=CAFFE)
+    assert pbf.dtype == torch.float32
+    assert torch.allclose(pbf.sum(1), torch.ones(1, 37, 45), atol=1e-5)  # softmax in fp32
+    l32 = predict_logits(m32, img, normalization=CAFFE, precision="fp32")
+    lbf = predict_logits(mbf, img, normalization=CAFFE)
+    assert lbf.dtype == torch.float32
+    assert 0 < ((lbf - l32).norm() / l32.norm()).item() < 0.05  # bf16 did run, close to fp32
+
+
+def test_msc_fusion_equals_the_msc_model(r18, m32):
+    from deeplab.models import DeepLabMSC
+
+    img = _image(41, 50, seed=2)
+    plain = m32
+    msc = prepare_model(DeepLabMSC(r18, (0.5, 0.75)), precision="fp32")
+    ours = predict_logits(plain, img, normalization=CAFFE, msc_scales=(0.5, 0.75), precision="fp32")
+    theirs = predict_logits(msc, img, normalization=CAFFE, precision="fp32")
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    single = predict_logits(plain, img, normalization=CAFFE, precision="fp32")
+    assert not torch.allclose(ours, single, atol=1e-3)
+    assert bool((ours >= single - 1e-5).all())  # a max over scales includes scale 1
+    # the same scales again on an MSC model is not applied twice; different ones are refused
+    again = predict_logits(msc, img, normalization=CAFFE, msc_scales=(0.75, 0.5), precision="fp32")
+    assert torch.equal(again, theirs)
+    with pytest.raises(ValueError, match="MSC twice"):
+        predict_logits(msc, img, normalization=CAFFE, msc_scales=(0.5,))
+
+
+def test_flip_averaging_is_mirror_equivariant(m32):
+    img = _image(33, 40, seed=3)
+    model = m32
+    a = predict_probs(model, img, normalization=CAFFE, flip=True, precision="fp32")
+    b = predict_probs(model, img[:, ::-1].copy(), normalization=CAFFE, flip=True, precision="fp32")
+    assert torch.allclose(a, b.flip(-1), atol=1e-5)
+    c = predict_probs(model, img, normalization=CAFFE, precision="fp32")
+    assert not torch.allclose(a, c, atol=1e-4)  # flipping did change something
+
+
+def test_sliding_window_equals_whole_image_for_a_pointwise_model():
+    model = Pointwise().eval()
+    img = _image(50, 70, seed=4)
+    whole = predict_probs(model, img, normalization=CAFFE, precision="fp32")
+    for window, overlap in ((32, 1 / 3), (24, 0.5), (64, 0.25), (200, 0.0)):
+        slid = predict_probs(model, img, normalization=CAFFE, precision="fp32",
+                             sliding_window=window, overlap=overlap)
+        assert slid.shape == whole.shape
+        assert torch.allclose(slid, whole, atol=1e-5), (window, overlap)
+
+
+def test_sliding_window_on_a_real_network_covers_every_pixel(m32):
+    img = _image(50, 70, seed=5)
+    p = predict_probs(m32, img, normalization=CAFFE, precision="fp32", sliding_window=48)
+    assert p.shape == (1, 5, 50, 70) and torch.allclose(p.sum(1), torch.ones(1, 50, 70), atol=1e-5)
+
+
+def test_size_cap_downscales_with_a_notice_and_keeps_full_size():
+    # four colour quadrants: few pixels near a boundary, so most labels survive downscaling
+    labels = np.zeros((40, 64), np.int64)
+    labels[:20, 32:], labels[20:, :32], labels[20:, 32:] = 1, 2, 3
+    img = PALETTE[labels]
+    notices = []
+    p = predict_probs(ColourOracle().eval(), img, normalization=CAFFE, precision="fp32",
+                      max_pixels=400, notice=notices.append)
+    assert p.shape == (1, 4, 40, 64)
+    assert len(notices) == 1 and "64x40" in notices[0] and "400" in notices[0]
+    with pytest.warns(UserWarning, match="inference cap"):
+        predict_probs(ColourOracle().eval(), img, normalization=CAFFE, max_pixels=400)
+    full = predict_probs(ColourOracle().eval(), img, normalization=CAFFE, precision="fp32")
+    agree = (p.argmax(1) == full.argmax(1)).float().mean()
+    assert agree > 0.9
+
+
+def test_batches_lists_and_errors(r18, m32):
+    model = m32
+    a, b = _image(30, 34, 6), _image(30, 34, 7)
+    batch = predict_probs(model, [a, b], normalization=CAFFE, precision="fp32")
+    one = predict_probs(model, b, normalization=CAFFE, precision="fp32")
+    assert batch.shape == (2, 5, 30, 34) and torch.allclose(batch[1], one[0], atol=1e-4)
+    with pytest.raises(ValueError, match="one size"):
+        predict_probs(model, [a, _image(31, 34)], normalization=CAFFE)
+    with pytest.raises(ValueError, match="uint8"):
+        predict_probs(model, a.astype(np.float32), normalization=CAFFE)
+    with pytest.raises(ValueError, match="training mode"):
+        predict_probs(r18.train(), a, normalization=CAFFE)
+    r18.eval()
+    with pytest.raises(ValueError, match="precision"):
+        predict_probs(model, a, normalization=CAFFE, precision="fp16")
+
+
+def test_labels_from_logits_is_the_argmax_of_the_upsampled_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 5, 7) * 3
+    labels = labels_from_logits(logits, (33, 49))
+    assert torch.equal(labels, upsample_logits(logits, (33, 49)).argmax(1))
+    # corners aligned: the corner pixels take the corner logits' argmax
+    assert torch.equal(labels[:, 0, 0], logits[:, :, 0, 0].argmax(1))
+    assert torch.equal(labels[:, -1, -1], logits[:, :, -1, -1].argmax(1))
+    img = np.zeros((33, 49, 3), np.uint8)
+    lab, probs = finish_prediction(logits[:1], img, want_probs=True)
+    assert torch.equal(lab, labels[0]) and probs.dtype == torch.float16

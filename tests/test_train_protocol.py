@@ -1,0 +1,205 @@
+"""The paper's training protocol, piece by piece: poly lr, parameter groups, the MSC loss, iter_size."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deeplab.engine.losses import msc_cross_entropy, resize_labels, valid_weight
+from deeplab.engine.lr_schedule import PolyLR, poly_lr
+from deeplab.engine.train import _StreamSampler, build_param_groups, median_frequency_weights
+
+
+# ---- poly lr ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("it", [0, 1, 10, 999, 1000, 1500])
+def test_poly_lr_formula(it):
+    expected = 2.5e-4 * (1 - min(it, 1000) / 1000) ** 0.9
+    assert poly_lr(2.5e-4, it, 1000, 0.9) == pytest.approx(expected, rel=1e-12, abs=0)
+    assert poly_lr(2.5e-4, 0, 1000) == 2.5e-4
+    assert poly_lr(2.5e-4, 1000, 1000) == 0.0
+
+
+def test_poly_scheduler_sets_each_group_with_its_multiplier():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([{"params": [a], "lr_mult": 1.0}, {"params": [b], "lr_mult": 20.0}], lr=1.0)
+    sched = PolyLR(opt, base_lr=1e-3, max_iter=100, power=0.9)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 2e-2]
+    sched.step_to(50)
+    base = 1e-3 * 0.5**0.9
+    assert opt.param_groups[0]["lr"] == pytest.approx(base)
+    assert opt.param_groups[1]["lr"] == pytest.approx(20 * base)
+    state = sched.state_dict()
+    other = PolyLR(opt, base_lr=1e-3, max_iter=100)
+    other.load_state_dict(state)
+    assert other.iteration == 50 and opt.param_groups[1]["lr"] == pytest.approx(20 * base)
+
+
+# ---- parameter groups -------------------------------------------------------------------------
+
+
+def _tiny_resnet(freeze: bool):
+    from deeplab.models import build_model, freeze_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model("deeplab_v2_resnet18", num_classes=5)
+    return freeze_batchnorm(model) if freeze else model
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_param_groups_cover_every_trainable_parameter_once(freeze):
+    model = _tiny_resnet(freeze)
+    groups = build_param_groups(model, weight_decay=5e-4)
+    by_name = {g["name"]: g for g in groups}
+    seen = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert sorted(seen) == sorted(trainable) and len(seen) == len(set(seen))
+    classifier = {id(p) for p in model.classifier_parameters()}
+    assert classifier, "the model reports no classifier parameters"
+    assert {id(p) for p in by_name["classifier_weights"]["params"]} | {
+        id(p) for p in by_name["classifier_biases"]["params"]
+    } == classifier
+    assert by_name["classifier_weights"]["lr_mult"] == 10 and by_name["classifier_weights"]["weight_decay"] == 5e-4
+    assert by_name["classifier_biases"]["lr_mult"] == 20 and by_name["classifier_biases"]["weight_decay"] == 0
+    assert by_name["backbone_weights"]["lr_mult"] == 1 and by_name["backbone_weights"]["weight_decay"] == 5e-4
+    assert all(p.ndim > 1 for p in by_name["backbone_weights"]["params"])
+    if freeze:
+        assert "norm" not in by_name  # frozen BN has no parameters at all
+    else:
+        bn = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+        assert {id(p) for p in by_name["norm"]["params"]} == bn
+        assert by_name["norm"]["weight_decay"] == 0
+
+
+def test_sgd_step_applies_multipliers_and_decay_per_group():
+    """One SGD step (momentum buffer empty) must move each parameter by lr*mult*(g + wd*p) or lr*mult*g."""
+    model = _tiny_resnet(freeze=True)
+    groups = build_param_groups(model, weight_decay=0.1)
+    opt = torch.optim.SGD(groups, lr=1.0, momentum=0.9, weight_decay=0.1)
+    PolyLR(opt, base_lr=0.01, max_iter=10)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = {id(p): (p.detach().clone(), p.grad.clone()) for p in model.parameters()}
+    opt.step()
+    expected_mult = {"backbone_weights": (1, 0.1), "backbone_biases": (2, 0.0),
+                     "classifier_weights": (10, 0.1), "classifier_biases": (20, 0.0)}
+    for g in groups:
+        mult, wd = expected_mult[g["name"]]
+        for p in g["params"]:
+            p0, grad = before[id(p)]
+            torch.testing.assert_close(p.detach(), p0 - 0.01 * mult * (grad + wd * p0), rtol=1e-6, atol=1e-7)
+
+
+# ---- losses -----------------------------------------------------------------------------------
+
+
+def _nearest_brute(labels: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    B, H, W = labels.shape
+    out = torch.empty(B, h, w, dtype=torch.long)
+    for i in range(h):
+        for j in range(w):
+            out[:, i, j] = labels[:, (i * H) // h, (j * W) // w]
+    return out
+
+
+def test_resize_labels_is_nearest_and_invents_no_value():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 5, (2, 33, 47))
+    labels[:, :5] = 255
+    for h, w in [(5, 6), (9, 12), (33, 47), (50, 60)]:
+        out = resize_labels(labels, (h, w))
+        assert torch.equal(out, _nearest_brute(labels, h, w))
+        assert set(out.unique().tolist()) <= set(labels.unique().tolist())
+
+
+def test_msc_loss_is_the_sum_of_four_cross_entropies():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (2, 41, 41))
+    labels[0, :10, :] = 255
+    sizes = [(11, 11), (9, 9), (6, 6), (11, 11)]  # scale 1, 0.75, 0.5, fused
+    maps = [torch.randn(2, 4, h, w) for h, w in sizes]
+    weight = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    for wt in (None, weight):
+        expected = sum(
+            F.cross_entropy(m, _nearest_brute(labels, *m.shape[-2:]), weight=wt, ignore_index=255) for m in maps
+        )
+        got = msc_cross_entropy(maps, labels, ignore_index=255, weight=wt)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    single = msc_cross_entropy(maps[0], labels)
+    torch.testing.assert_close(single, F.cross_entropy(maps[0], _nearest_brute(labels, 11, 11), ignore_index=255))
+
+
+def test_loss_is_fp32_even_for_bf16_logits():
+    logits = torch.randn(1, 3, 4, 4).bfloat16()
+    loss = msc_cross_entropy(logits, torch.randint(0, 3, (1, 4, 4)))
+    assert loss.dtype == torch.float32
+
+
+def test_global_normaliser_makes_split_batches_equal_one_batch():
+    """Two half batches with the whole batch's valid count give the whole batch's gradient,
+    even when the halves hold different numbers of ignored pixels."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, 8, 8, requires_grad=True)
+    labels = torch.randint(0, 3, (4, 16, 16))
+    labels[0] = 255
+    labels[1, :8] = 255
+    whole = msc_cross_entropy(logits, labels)
+    (g_whole,) = torch.autograd.grad(whole, logits)
+    n = valid_weight(labels, (8, 8))
+    halves = sum(msc_cross_entropy(logits[i : i + 2], labels[i : i + 2], normalizers=[n]) for i in (0, 2))
+    (g_split,) = torch.autograd.grad(halves, logits)
+    torch.testing.assert_close(halves, whole)
+    torch.testing.assert_close(g_split, g_whole)
+    # whereas the mean of per-half means (Caffe's iter_size) is a different quantity here
+    naive = sum(msc_cross_entropy(logits[i : i + 2], labels[i : i + 2]) for i in (0, 2)) / 2
+    assert not math.isclose(float(naive.detach()), float(whole.detach()), rel_tol=1e-3)
+
+
+def test_median_frequency_weights_by_hand():
+    class DS:
+        def __init__(self):
+            import numpy as np
+
+            self.masks = [np.array([[0, 0, 1, 255]], np.uint8), np.array([[0, 2, 2, 2]], np.uint8)]
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return None, self.masks[i]
+
+    # class 0: 3 px over images of 3 + 4 px; class 1: 1 px / 3; class 2: 3 px / 4
+    freq = [3 / 7, 1 / 3, 3 / 4]
+    med = sorted(freq)[1]
+    w = median_frequency_weights(DS(), 4)
+    assert w[:3] == pytest.approx([med / f for f in freq]) and w[3] == 0.0
+
+
+# ---- data order -------------------------------------------------------------------------------
+
+
+def _positions(**kw):
+    return [p for p, _ in _StreamSampler(**kw)]
+
+
+def test_global_batches_are_the_same_set_however_split():
+    n, seed, start, stop = 7, 3, 2, 5
+    one = _StreamSampler(n, seed=seed, batch_size=4, iter_size=1, rank=0, world_size=1, start=start, stop=stop)
+    pairs = list(one)
+    acc = list(_StreamSampler(n, seed=seed, batch_size=2, iter_size=2, rank=0, world_size=1, start=start, stop=stop))
+    assert pairs == acc  # same positions in the same order
+    ranks = [list(_StreamSampler(n, seed=seed, batch_size=2, iter_size=1, rank=r, world_size=2, start=start, stop=stop))
+             for r in (0, 1)]
+    for it in range(stop - start):
+        step = set(pairs[4 * it : 4 * it + 4])
+        assert step == set(ranks[0][2 * it : 2 * it + 2]) | set(ranks[1][2 * it : 2 * it + 2])
+    # positions are contiguous from start * global_batch; each epoch is a permutation of the data
+    assert [p for p, _ in pairs] == list(range(start * 4, stop * 4))
+    full = list(_StreamSampler(n, seed=seed, batch_size=7, iter_size=1, rank=0, world_size=1, start=0, stop=2))
+    assert sorted(i for _, i in full[:7]) == list(range(7)) and sorted(i for _, i in full[7:]) == list(range(7))
+    assert [i for _, i in full[:7]] != [i for _, i in full[7:]]  # reshuffled per epoch

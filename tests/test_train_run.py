@@ -1,0 +1,223 @@
+"""End-to-end training on the real CamVid data (tiny crops, few iterations).
+
+Each run is a real ``deeplab train`` on ``../shared/data/camvid_segnet`` with a ResNet-18
+DeepLab v2 at 97x97 crops. Weights are compared as stored in the run folders' safetensors files.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from deeplab.engine import checkpoint as ckpt
+from deeplab.engine import train as train_mod
+from deeplab.engine.config import parse_config
+from deeplab.engine.train import TrainingDiverged, TrainingError, train
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(camvid_root: Path, **changes) -> dict:
+    cfg = yaml.safe_load((_REPO / "configs" / "camvid_resnet18.yaml").read_text())
+    cfg["data"].update(root=str(camvid_root), crop_size=97, class_weights=None, num_workers=0, val_split=None)
+    cfg["solver"].update(max_iter=4, batch_size=2, iter_size=1)
+    cfg.update(checkpoint_interval=2, val_interval=0, log_interval=1)
+    for key, value in changes.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return cfg
+
+
+def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run_cli(args: list[str], *, torchrun: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               "-m", "deeplab.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "deeplab.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=_REPO)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+def test_training_lowers_the_loss_on_real_camvid(camvid_root, tmp_path):
+    from deeplab.data import build_dataset
+    from deeplab.data.transforms import normalize_image
+    from deeplab.engine.losses import msc_cross_entropy
+    from deeplab.models import build_model
+
+    cfg = parse_config(_config(camvid_root, **{"solver.max_iter": 25, "solver.batch_size": 4,
+                                               "checkpoint_interval": 0, "data.val_split": "val",
+                                               "data.val_max_images": 2, "val_interval": 0}))
+    # A fixed batch: the first 4 training images, centre 161x161 crops.
+    ds = build_dataset("camvid", camvid_root, "train")
+    imgs, masks = zip(*(ds[i] for i in range(4)))
+    x = torch.stack([normalize_image(np.ascontiguousarray(im[100:261, 160:321]), cfg.data.normalization) for im in imgs])
+    y = torch.from_numpy(np.stack([m[100:261, 160:321] for m in masks]).astype(np.int64))
+
+    def fixed_batch_loss(model) -> float:
+        model.train()  # batch statistics: BN's running averages are still young after 25 steps
+        with torch.no_grad():
+            return float(msc_cross_entropy(model(x), y))
+
+    torch.manual_seed(cfg.seed)
+    model = build_model("deeplab_v2_resnet18", num_classes=11)
+    before = fixed_batch_loss(model)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    model.load_state_dict(_weights(tmp_path / "run" / "last.safetensors"))
+    after = fixed_batch_loss(model)
+    assert after < 0.8 * before, (before, after)
+    # the run folder: resolved config, metrics log, final validation with best checkpoint
+    assert parse_config(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())) == cfg
+    lines = [yaml.safe_load(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["iteration"] for rec in lines if "loss" in rec][-1] == 25
+    assert any("val" in rec and 0 <= rec["val"]["miou"] <= 1 for rec in lines)
+    assert (tmp_path / "run" / "best.safetensors").is_file() and summary["best_miou"] is not None
+    from deeplab.weights.safetensors_io import read_metadata
+
+    meta = read_metadata(tmp_path / "run" / "last.safetensors")
+    assert meta["model"] == "deeplab_v2_resnet18" and meta["num_classes"] == 11
+    assert meta["class_names"][0].lower() == "sky" and len(meta["palette"]) == 11
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_weights(camvid_root, tmp_path):
+    """Run 4 iterations (checkpoints at 2 and 4); then drop everything after the checkpoint at 2,
+    as a crash would, and resume in a fresh process: the final weights must be identical."""
+    cfg = _config(camvid_root, **{"data.num_workers": 1, "data.class_weights": "median_freq"})
+    cfg["data"]["class_weights"] = [1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 2.0, 2.0]
+    path = _write(tmp_path, cfg)
+    train(parse_config(cfg), tmp_path / "full", progress=False)
+    full = _weights(tmp_path / "full" / "checkpoints" / "iter_0000004.safetensors")
+
+    train(parse_config(cfg), tmp_path / "crash", progress=False)
+    for f in (tmp_path / "crash" / "checkpoints").glob("iter_0000004.*"):
+        f.unlink()
+    again = _weights(tmp_path / "crash" / "last.safetensors")
+    res = _run_cli(["train", str(path), "--out", str(tmp_path / "crash"), "--resume", "--no-progress"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr and "iter_0000002.pt" in res.stderr
+    resumed = _weights(tmp_path / "crash" / "checkpoints" / "iter_0000004.safetensors")
+    assert all(torch.equal(full[k], resumed[k]) for k in full), _max_diff(full, resumed)
+    assert _max_diff(again, full) == 0.0  # sanity: the same seed gives the same run
+    # and the run really moved between the two checkpoints
+    two = _weights(tmp_path / "full" / "checkpoints" / "iter_0000002.safetensors")
+    assert _max_diff(two, full) > 1e-4
+
+
+def test_iter_size_and_ddp_equal_one_big_batch(camvid_root, tmp_path):
+    """Global batch 4 as 4 x 1 (one process), 2 x iter_size 2, and 2 processes x 2 (gloo):
+    the same weights after 3 steps, augmentation on (it is seeded by the sample stream).
+    fp32 and frozen batch norm: batch statistics would differ between the splits otherwise."""
+    base = {"precision": "fp32", "model.freeze_bn": True, "solver.max_iter": 3, "checkpoint_interval": 0,
+            "data.val_split": None}
+    big = _config(camvid_root, **base, **{"solver.batch_size": 4})
+    acc = _config(camvid_root, **base, **{"solver.batch_size": 2, "solver.iter_size": 2})
+    train(parse_config(big), tmp_path / "big", progress=False)
+    train(parse_config(acc), tmp_path / "acc", progress=False)
+    w_big = _weights(tmp_path / "big" / "last.safetensors")
+    w_acc = _weights(tmp_path / "acc" / "last.safetensors")
+    w0 = _weights(tmp_path / "big" / "checkpoints" / "iter_0000002.safetensors") if False else None
+    assert _max_diff(w_big, w_acc) < 2e-5
+
+    ddp = _config(camvid_root, **base, **{"solver.batch_size": 2})
+    path = _write(tmp_path, ddp, "ddp.yaml")
+    res = _run_cli(["train", str(path), "--out", str(tmp_path / "ddp"), "--no-progress"], torchrun=2)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    w_ddp = _weights(tmp_path / "ddp" / "last.safetensors")
+    assert _max_diff(w_big, w_ddp) < 2e-5
+    # a different global batch is a different run: the comparison above can fail
+    train(parse_config(_config(camvid_root, **base, **{"solver.batch_size": 2})), tmp_path / "small", progress=False)
+    assert _max_diff(w_big, _weights(tmp_path / "small" / "last.safetensors")) > 1e-4
+
+
+def test_divergence_stops_with_the_last_good_checkpoint(camvid_root, tmp_path, monkeypatch, capsys):
+    real = train_mod.msc_cross_entropy
+    calls = {"n": 0}
+
+    def exploding(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss  # iteration 2 (0-based) goes NaN
+
+    monkeypatch.setattr(train_mod, "msc_cross_entropy", exploding)
+    cfg = parse_config(_config(camvid_root))
+    with pytest.raises(TrainingDiverged) as e:
+        train(cfg, tmp_path / "run", progress=False)
+    msg = str(e.value)
+    assert "iteration 2" in msg and "iter_0000002.pt" in msg and "nan" in msg
+    state, weights = ckpt.load_training_state(tmp_path / "run" / "checkpoints" / "iter_0000002.pt")
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "checkpoints" / "iter_0000004.pt").exists()
+    # the CLI turns it into an error line and exit status 3
+    from deeplab.cli import main
+
+    calls["n"] = 0
+    assert main(["train", str(_write(tmp_path, _config(camvid_root))), "--out", str(tmp_path / "cli"),
+                 "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "error: the loss is nan at iteration 2" in err and "Traceback" not in err
+
+
+def test_truncated_checkpoint_and_existing_run_errors(camvid_root, tmp_path, capsys):
+    cfg = _config(camvid_root)
+    path = _write(tmp_path, cfg)
+    train(parse_config(cfg), tmp_path / "run", progress=False)
+    newest = tmp_path / "run" / "checkpoints" / "iter_0000004.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 3])
+    from deeplab.cli import main
+
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "iter_0000004.pt" in err and "truncated" in err and "--resume" in err and "iter_0000002.pt" in err
+    assert "Traceback" not in err
+    # starting a new run over an old one is refused
+    with pytest.raises(TrainingError, match="--resume"):
+        train(parse_config(cfg), tmp_path / "run", progress=False)
+    # a bad --set key is a config error naming it
+    assert main(["train", str(path), "--out", str(tmp_path / "x"), "--set", "solver.bse_lr=1"]) == 1
+    assert "solver.bse_lr" in capsys.readouterr().err
+
+
+def test_full_disk_keeps_the_previous_checkpoint(camvid_root, tmp_path, monkeypatch):
+    cfg = parse_config(_config(camvid_root))
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "iter_0000004" in str(f):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointError, match="No space left"):
+        train(cfg, tmp_path / "run", progress=False)
+    folder = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckpt.find_checkpoints(folder)] == ["iter_0000002.pt"]
+    state, _ = ckpt.load_training_state(folder / "iter_0000002.pt")
+    assert state["iteration"] == 2
+    assert not [p for p in folder.iterdir() if ".tmp" in p.name]
