@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from _evaluation_helpers import CAFFE, random_dataset, run_cli, tiny_weights, write_folder_dataset
 
@@ -107,6 +108,16 @@ def test_eval_crf_equals_crf_on_saved_probs_and_crf_search_reuses_them(setup, tm
     cm = ConfusionMatrix(4)
     for sid, image, mask in zip(ds.ids, ds.images, ds.masks):
         cm.update(crf(image, np.load(probs_path(probs_dir, sid))).argmax(0), mask)
+    assert r["confusion_matrix"] == cm.mat.tolist()
+    # ... and through the `deeplab crf` command on the saved files
+    crf_out = tmp_path / "crf_labels"
+    assert run_cli(["crf", "--images", str(data / "images"), "--probs", str(probs_dir), "--out",
+                    str(crf_out), "--palette", "none", "--bi-w", "5", "--bi-xy-std", "20",
+                    "--bi-rgb-std", "5", "--pos-w", "3", "--pos-xy-std", "3", "--workers", "1",
+                    "--no-progress"]) == 0
+    cm = ConfusionMatrix(4)
+    for sid, mask in zip(ds.ids, ds.masks):
+        cm.update(np.asarray(Image.open(crf_out / f"{sid}.png")), mask)
     assert r["confusion_matrix"] == cm.mat.tolist()
 
     # crf-search on the saved probabilities: its number for this setting is eval --crf's

@@ -166,3 +166,22 @@ def test_glob_and_batches_with_duplicate_stems(tmp_path, weights, images):
     assert rc == 0
     names = sorted(p.name for p in out.glob("*.png"))
     assert names == sorted([f"{ds.ids[0]}.png", f"{ds.ids[1]}.png", f"{ds.ids[0]}_1.png"])
+
+
+def test_without_weights_the_default_model_is_used(tmp_path, weights, images, monkeypatch, capsys):
+    import deeplab.weights
+
+    _, paths, _ = images
+    out = tmp_path / "o"
+    monkeypatch.setattr(deeplab.weights, "default_weights_path", lambda: weights)
+    assert main(["segment", str(paths[0]), "--out", str(out)]) == 0
+    ref = tmp_path / "ref"
+    assert main(["segment", str(paths[0]), "--out", str(ref), "--weights", str(weights)]) == 0
+    assert np.array_equal(_labels(out / f"{paths[0].stem}.png"), _labels(ref / f"{paths[0].stem}.png"))
+
+    def missing():
+        raise FileNotFoundError("the packaged default weights are missing: pass --weights FILE")
+
+    monkeypatch.setattr(deeplab.weights, "default_weights_path", missing)
+    assert main(["segment", str(paths[0]), "--out", str(out)]) == 2
+    assert "pass --weights" in capsys.readouterr().err

@@ -304,8 +304,9 @@ def test_convert_cli_end_to_end(tmp_path, small, capsys):
     names = tmp_path / "classes.txt"
     names.write_text("sky\nroad\ncar\n\ntree\nperson\n")
     dst = tmp_path / "out.safetensors"
-    assert _cli("deeplab.cli.convert", [str(src), str(dst), "--model", "deeplab_v2_resnet18",
-                                        "--class-names", str(names)]) == 0
+    from deeplab.cli import main  # through the real subcommand table
+
+    assert main(["convert", str(src), str(dst), "--model", "deeplab_v2_resnet18", "--class-names", str(names)]) == 0
     assert "5 classes" in capsys.readouterr().out
     model, meta = build_from_weights(dst)
     _same_state(model, small)
@@ -354,3 +355,18 @@ def test_default_weights_path():
     else:
         meta = read_metadata(path)
         assert meta["model"] and meta["num_classes"] == len(meta["class_names"])
+
+
+def test_kazuto1011_early_layout_names():
+    # Early versions of the repository: MSC attribute `scale`, shortcut `proj`, ASPP `stages.cN`.
+    from deeplab.weights.mapping import is_kazuto_layout, kazuto_to_project
+
+    t = torch.zeros(1)
+    old = {"scale.layer2.block1.proj.bn.running_var": t, "scale.layer5.block3.conv3x3.conv.weight": t,
+           "scale.aspp.stages.c2.bias": t, "scale.layer1.conv1.bn.weight": t}
+    assert is_kazuto_layout(old)
+    renamed, unknown = kazuto_to_project(old)
+    assert not unknown
+    assert sorted(renamed) == ["aspp.branches.2.bias", "backbone.layer1.0.downsample.1.running_var",
+                               "backbone.layer4.2.conv2.weight", "backbone.stem.bn1.weight"]
+    assert kazuto_to_project({"base.layer2.block1.se.fc.weight": t})[1] == ["base.layer2.block1.se.fc.weight"]

@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Attach the ``deeplab convert`` options."""
     parser.add_argument("src", type=Path, help="source weights: .caffemodel, .pth/.pt or .safetensors")
     parser.add_argument("dst", type=Path, help="destination .safetensors file (written atomically)")
-    parser.add_argument("--model", required=True, help="model name (see 'deeplab models')")
+    parser.add_argument("--model", required=True, help="model name, one of 'deeplab models --names'")
     parser.add_argument("--num-classes", type=int, default=None,
-                        help="number of classes (default: read from the file's classifier)")
+                        help="number of classes; read from the file's classifier when omitted")
     parser.add_argument("--class-names", type=Path, default=None,
                         help="text file with one class name a line, stored in the metadata")
     parser.add_argument("--partial", action="store_true",

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -106,16 +104,11 @@ def _json_safe(x: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (NaN written as null)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(obj), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from deeplab.engine.evaluate import atomic_write
+
+    with atomic_write(path, "w") as f:
+        json.dump(_json_safe(obj), f, indent=2, allow_nan=False)
+        f.write("\n")
 
 
 def format_table(result: dict, class_names: list[str] | tuple[str, ...]) -> str:
@@ -196,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
             bundle.model, dataset, normalization=bundle.normalization, msc_scales=args.msc,
             flip=args.flip, precision=args.precision, sliding_window=args.sliding_window, crf=crf,
             save_probs=args.save_probs, limit=args.limit, device=device, optimize=False,
-            num_workers=args.workers, keep_examples=4 if args.report else 0,
+            num_workers=args.workers, keep_examples=3 if args.report else 0,
             progress=main, notice=notice,
         )
     except ValueError as e:  # a bad sample (size mismatch, labels out of range)

@@ -23,11 +23,11 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Attach the ``deeplab export`` options."""
     parser.add_argument("--model", default=None,
-                        help="model name (default: from the weights' metadata; required for .pth/.caffemodel)")
+                        help="model name; taken from the weights' metadata when omitted (required for .pth/.caffemodel)")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="weights file (default: the packaged default model)")
+                        help="weights file; the packaged default model when omitted")
     parser.add_argument("--num-classes", type=int, default=None,
-                        help="class count, for weights without metadata (default: from the classifier)")
+                        help="class count, for weights without metadata; read from the classifier when omitted")
     parser.add_argument("--out", type=Path, required=True, help="destination .onnx file")
     parser.add_argument("--height", type=int, default=513, help="input height of the exported graph")
     parser.add_argument("--width", type=int, default=513, help="input width of the exported graph")

@@ -28,15 +28,21 @@ def gaussian_features(batch: int, height: int, width: int, xy_std: float, *, dev
         torch.arange(width, dtype=torch.float32, device=device),
         indexing="ij",
     )
-    f = torch.stack([xs, ys], -1).reshape(1, height * width, 2) / float(xy_std)
-    return f.expand(batch, -1, -1)
+    f = torch.stack([xs, ys], -1).reshape(1, height * width, 2)
+    return _true_divide(f, xy_std).expand(batch, -1, -1)
+
+
+def _true_divide(x: Tensor, divisor: float) -> Tensor:
+    # IEEE division like pydensecrf's ``i / sx`` (a scalar divisor may become a multiplication
+    # by its reciprocal, one ulp off, which moves boundary points to another simplex).
+    return x / torch.full_like(x, float(divisor))
 
 
 def bilateral_features(image: Tensor, xy_std: float, rgb_std: float) -> Tensor:
     """Return the (B, H*W, 5) features ``(x, y) / xy_std, (r, g, b) / rgb_std`` of (B, H, W, 3) images."""
     b, h, w, _ = image.shape
     pos = gaussian_features(b, h, w, xy_std, device=image.device)
-    rgb = image.reshape(b, h * w, 3).to(torch.float32) / float(rgb_std)
+    rgb = _true_divide(image.reshape(b, h * w, 3).to(torch.float32), rgb_std)
     return torch.cat([pos, rgb], -1)
 
 
@@ -58,6 +64,13 @@ class DenseKernel:
         ones = torch.ones(lat.batch * lat.num_points, 1, dtype=torch.float32, device=features.device)
         self.norm = 1.0 / torch.sqrt(lat.filter(ones) + 1e-20)  # (B*N, 1)
         self._filter = LatticeFilter(lat, self.norm, self.norm)
+        self._row_bound: Tensor | None = None
+
+    def row_bound(self) -> Tensor:
+        """(B*N, 1) bound ``norm * K (norm * 1)`` on ``apply(q)`` for any q in [0, 1] (K >= 0)."""
+        if self._row_bound is None:
+            self._row_bound = self.norm * self.lattice.filter(self.norm)
+        return self._row_bound
 
     def apply(self, q: Tensor) -> Tensor:
         """Filter ``q`` of shape (P, C), P = B*N points (or any multiple of N when B = 1)."""
@@ -95,22 +108,13 @@ def mean_field(
     if unary.dim() != 2:
         raise ValueError(f"unary must be (P, C), got shape {tuple(unary.shape)}")
     log_p = -unary
-    q = torch.softmax(log_p, dim=1)
     needs_grad = torch.is_grad_enabled() and (
         unary.requires_grad or any(isinstance(w, Tensor) and w.requires_grad for w in weights)
     )
     if not needs_grad:
-        # Inference: one energy buffer reused by every iteration (fresh 16 MB tensors per step
-        # cost page faults on CPU).
         with torch.no_grad():
-            energy = torch.empty_like(log_p)
-            for _ in range(iterations):
-                energy.copy_(log_p)
-                for kernel, w in zip(kernels, weights):
-                    if float(w) != 0:
-                        energy.add_(kernel.apply(q), alpha=float(w))
-                q = torch.softmax(energy, dim=1)
-        return q
+            return _mean_field_inference(log_p, kernels, [float(w) for w in weights], iterations)
+    q = torch.softmax(log_p, dim=1)
     for _ in range(iterations):
         energy = log_p
         for kernel, w in zip(kernels, weights):
@@ -119,6 +123,56 @@ def mean_field(
             elif w != 0:
                 energy = torch.add(energy, kernel.apply(q), alpha=float(w))
         q = torch.softmax(energy, dim=1)
+    return q
+
+
+def _mean_field_inference(log_p: Tensor, kernels: Sequence[DenseKernel], weights: list[float], iterations: int) -> Tensor:
+    """``mean_field`` without autograd: two (P, C) buffers, no fresh tensor per step but the filters'.
+
+    The softmax needs no per-iteration row maximum (a slow reduction over 21-wide rows): with
+    ``0 <= K q <= K 1`` the energy is bounded above by ``max_c log_p + sum_{w > 0} w K 1``, a
+    shift known before the first iteration, and the top label sits within ``gap`` of it. When
+    ``gap`` could underflow ``exp`` (huge weights) the plain softmax is used instead.
+    """
+    active = [(k, w) for k, w in zip(kernels, weights) if w != 0]
+    top = log_p.amax(1, keepdim=True)
+    upper = top.clone()
+    gap = torch.zeros_like(top)
+    for kernel, w in active:
+        bound = kernel.row_bound().to(log_p.dtype)
+        if bound.shape[0] != upper.shape[0]:  # a kernel shared by the batch
+            bound = bound.repeat(upper.shape[0] // bound.shape[0], 1)
+        if w > 0:
+            upper.add_(bound, alpha=w)
+        gap.add_(bound, alpha=abs(w))
+    limit = 60.0 if log_p.dtype == torch.float32 else 600.0
+    shifted = bool(torch.isfinite(upper).all()) and float(gap.max()) < limit
+    if shifted:
+        base = log_p.sub_(upper) if not log_p.requires_grad else log_p - upper
+    else:
+        base = log_p
+    del top, upper, gap
+    ones = torch.ones(log_p.shape[1], 1, dtype=log_p.dtype, device=log_p.device)
+
+    def normalise(e: Tensor) -> Tensor:
+        if not shifted:
+            return e.copy_(torch.softmax(e, dim=1))
+        e.exp_()
+        return e.div_(e @ ones)
+
+    q = normalise(base.clone())
+    energy = torch.empty_like(q)
+    for _ in range(iterations):
+        first = True
+        for kernel, w in active:
+            if first:
+                torch.add(base, kernel.apply(q), alpha=w, out=energy)
+                first = False
+            else:
+                energy.add_(kernel.apply(q), alpha=w)
+        if first:
+            energy.copy_(base)
+        q, energy = normalise(energy), q
     return q
 
 
@@ -205,8 +259,12 @@ class DenseCRF:
         work = p_t if p_t.dtype in (torch.float32, torch.float64) else p_t.to(torch.float32)
         b, c, h, w = work.shape
         kernels = self.kernels(img_t)
-        unary = -torch.log(work.clamp(self.clip, 1.0))
-        unary = unary.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        # -log(clip(p)) in the (B*H*W, C) layout of the filters; in place when it is a copy.
+        unary = work.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        if unary.requires_grad or unary.data_ptr() == work.data_ptr():
+            unary = -torch.log(unary.clamp(self.clip, 1.0))
+        else:
+            unary = unary.clamp_(self.clip, 1.0).log_().neg_()
         weights = [self.pos_w, self.bi_w]
         weights = [x.to(work.device, work.dtype) if isinstance(x, Tensor) else float(x) for x in weights]
         q = mean_field(unary, kernels, weights, self.iterations)
@@ -248,12 +306,14 @@ def _check_inputs(image: np.ndarray | Tensor, probs: np.ndarray | Tensor) -> tup
         want = "(B, H, W, 3)" if batched else "(H, W, 3)"
         raise ValueError(f"image must be RGB {want} to go with probs {tuple(probs_t.shape)}, "
                          f"got image shape {tuple(image_t.shape)}")
+    image_shape, probs_shape = tuple(image_t.shape), tuple(probs_t.shape)
     if not batched:
         image_t, probs_t = image_t[None], probs_t[None]
     b, c, h, w = probs_t.shape
     if tuple(image_t.shape[:3]) != (b, h, w):
-        raise ValueError(f"image {tuple(image_t.shape)} and probs {tuple(probs_t.shape)} differ in batch or size: "
-                         f"image must be (B, H, W, 3) = ({b}, {h}, {w}, 3)")
+        want = f"({b}, {h}, {w}, 3)" if batched else f"({h}, {w}, 3)"
+        raise ValueError(f"image {image_shape} and probs {probs_shape} differ in batch or size: "
+                         f"the image must be {want}")
     if c < 1 or h < 1 or w < 1:
         raise ValueError(f"probs {tuple(probs_t.shape)} is empty")
     if not bool(torch.isfinite(probs_t).all()):

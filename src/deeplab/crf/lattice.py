@@ -35,10 +35,13 @@ def _elevate(features: Tensor) -> Tensor:
     """Project (P, d) features onto the plane ``sum = 0`` of R^{d+1}, scaled (Adams et al., p.5)."""
     p, d = features.shape
     dev = features.device
-    i = torch.arange(d, device=dev, dtype=torch.float64)
-    # Expected standard deviation of the filter (p.6 in Adams et al.), as permutohedral.cpp.
-    inv_std_dev = math.sqrt(2.0 / 3.0) * (d + 1)
-    scale = (inv_std_dev / torch.sqrt((i + 2) * (i + 1))).to(torch.float32)
+    # Expected standard deviation of the filter (p.6 in Adams et al.). Rounded exactly as
+    # permutohedral.cpp does (a float, then double arithmetic stored as float), so that points
+    # near a simplex boundary fall on the same side as in pydensecrf.
+    inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
+    scale = torch.tensor(
+        [1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev for i in range(d)], dtype=torch.float32, device=dev
+    )
     cf = features.to(torch.float32) * scale
     # suffix[:, j] = cf[:, j] + ... + cf[:, d-1], summed from the end like the C++ loop.
     suffix = torch.flip(torch.cumsum(torch.flip(cf, (1,)), 1), (1,))

@@ -9,12 +9,14 @@ single process's exactly.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from deeplab.engine.inference import (
 )
 from deeplab.engine.metrics import ConfusionMatrix, metrics_from_matrix
 
-__all__ = ["evaluate", "save_probs_npy", "probs_path", "crf_grid_search", "refine_grid"]
+__all__ = ["atomic_write", "evaluate", "save_probs_npy", "probs_path", "crf_grid_search", "refine_grid"]
 
 
 def probs_path(directory: str | Path, sample_id: str) -> Path:
@@ -37,19 +39,33 @@ def probs_path(directory: str | Path, sample_id: str) -> Path:
     return Path(directory) / f"{sample_id}.npy"
 
 
-def save_probs_npy(path: str | Path, probs: torch.Tensor | np.ndarray) -> None:
-    """Write (C,H,W) probabilities as float16 ``.npy``, atomically (temp file + rename)."""
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success rename it over ``path``.
+
+    A reader never sees a half-written file, and an interrupted run leaves the old file (or
+    none). The file gets the usual permissions (0666 minus the umask), not ``mkstemp``'s 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with open(tmp, "wb") as f:
-            np.save(f, arr.astype(np.float16))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, mode) as f:
+            yield f
         os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_probs_npy(path: str | Path, probs: torch.Tensor | np.ndarray) -> None:
+    """Write (C,H,W) probabilities as float16 ``.npy``, atomically (temp file + rename)."""
+    arr = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+    with atomic_write(path) as f:
+        np.save(f, arr.astype(np.float16))
 
 
 def _sample_id(dataset: Any, index: int) -> str:
@@ -217,16 +233,15 @@ def evaluate(
                     heapq.heappush(heap, item)
                 elif item[:2] > heap[0][:2]:
                     heapq.heapreplace(heap, item)
+    cm.all_reduce()  # also waits for the slowest process: the time below is the whole run's
     seconds = time.perf_counter() - t0
-
-    cm.all_reduce()
     result = metrics_from_matrix(cm.mat)
     per_image = _gather_lists(per_image)
     per_image.sort(key=lambda r: r["id"])
     result.update(
         num_images=len(per_image),
         seconds=seconds,
-        images_per_s=len(local) / seconds if seconds > 0 else float("nan"),
+        images_per_s=len(per_image) / seconds if seconds > 0 else float("nan"),
         per_image=per_image,
     )
     if keep_examples > 0:

@@ -29,7 +29,10 @@ __all__ = ["ConfusionMatrix", "metrics_from_matrix"]
 
 def _as_long_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        x = np.ascontiguousarray(x, dtype=np.int64)
+        if not x.flags.writeable:  # torch warns on read-only arrays (e.g. from PIL)
+            x = x.copy()
+        x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a numpy array or a torch tensor, got {type(x).__name__}")
     return x.reshape(-1).to(torch.int64)

@@ -14,7 +14,6 @@ import html
 import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -238,13 +237,9 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     page = render_report(result, dataset=dataset, class_names=class_names, palette=palette,
                          settings=settings, use_matplotlib=use_matplotlib)
+    from deeplab.engine.evaluate import atomic_write
+
     path = out / "index.html"
-    fd, tmp = tempfile.mkstemp(prefix=".index.html.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as f:
+        f.write(page)
     return path

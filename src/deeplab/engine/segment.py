@@ -227,19 +227,12 @@ def overlay(
 
 def save_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 90) -> None:
     """Write an RGB uint8 image as JPEG atomically (temp file + ``os.replace``)."""
-    import tempfile
-
     from PIL import Image
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(fh, format="JPEG", quality=quality)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from deeplab.engine.evaluate import atomic_write
+
+    with atomic_write(path) as fh:
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(fh, format="JPEG", quality=quality)
 
 
 # --------------------------------------------------------------------------- the Python API

@@ -310,8 +310,8 @@ def read_caffemodel(path: str | os.PathLike[str]) -> list[CaffeLayer]:
     (field 2, ``V1LayerParameter``). Layers without blobs are kept (the caller decides).
 
     Args:
-        path: the caffemodel file. It is memory-mapped, so a 300 MB file costs one copy of
-            its float data, not two.
+        path: the caffemodel file. It is memory-mapped (the OS pages it in and may drop the
+            pages again) and each blob's floats are copied out of the map with one numpy copy.
 
     Raises:
         CaffeModelError: the file is truncated, is not a protobuf, or holds no layers.

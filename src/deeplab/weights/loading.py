@@ -168,10 +168,14 @@ def _describe(path: Path, layout: str, missing: list[str], unexpected: list[str]
     if shapes and all(("aspp." in s or "fc8" in s) for s in shapes) and not missing and not unexpected:
         cause = (
             "only the classifier differs: the file has another class count; build the model with "
-            "the file's num_classes, or load with strict=False to keep the backbone only"
+            "the file's num_classes, or load with strict=False (deeplab convert --partial) to keep "
+            "the backbone only"
         )
     elif missing and not unexpected and not shapes and all("aspp." in k for k in missing):
-        cause = "the file has no classifier (an initialisation file); load with strict=False to fine-tune"
+        cause = (
+            "the file has no classifier (an initialisation file); load with strict=False "
+            "(deeplab convert --partial) to fine-tune"
+        )
     parts.append("likely cause: " + cause)
     return ". ".join(parts)
 
