@@ -39,7 +39,7 @@ def test_console_entry_point_runs():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    ds = random_dataset(n=3)
+    ds = random_dataset(n=3, sizes=((24, 32), (32, 40), (21, 29)))
     data = write_folder_dataset(root / "data", ds)
     weights = tiny_weights(root / "tiny.safetensors")
     return root, data, weights, ds
@@ -198,3 +198,25 @@ def test_eval_bad_data_and_weights(setup, tmp_path, capsys):
     assert run_cli(["crf-search", "--dataset", "folder", "--data-root", str(data), "--split", "all",
                     "--probs", str(empty)]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_eval_inference_options_reach_evaluate(setup, tmp_path):
+    from deeplab.data import build_dataset
+    from deeplab.engine.evaluate import evaluate
+    from deeplab.weights import build_from_weights
+
+    _, data, weights, _ = setup
+    out = tmp_path / "r.json"
+    assert run_cli(_eval_args(data, weights, "--msc", "0.5", "--flip", "--sliding-window", "32",
+                              "--overlap", "0.5", "--precision", "fp32", "--limit", "1",
+                              "--json", str(out))) == 0
+    r = json.loads(out.read_text())
+    model, _ = build_from_weights(weights)
+    ds = build_dataset("folder", data, "all")
+    ref = evaluate(model, ds, normalization=CAFFE, msc_scales=(0.5,), flip=True, sliding_window=32,
+                   overlap=0.5, precision="fp32", limit=1)
+    plain = evaluate(model, ds, normalization=CAFFE, precision="fp32", limit=1)
+    assert r["confusion_matrix"] == ref["confusion_matrix"] != plain["confusion_matrix"]
+    s = r["settings"]
+    assert (s["msc_scales"], s["flip"], s["sliding_window"], s["overlap"], s["precision"], s["limit"]) == (
+        [0.5], True, 32, 0.5, "fp32", 1)

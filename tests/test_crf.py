@@ -53,8 +53,17 @@ def _crop(shared_data, y0: int, x0: int, h: int = 12, w: int = 10) -> torch.Tens
 # --------------------------------------------------------------------------- brute force
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a thread pool only adds barriers (slow on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("params", list(DESIGN_PARAMS.values()), ids=list(DESIGN_PARAMS))
-def test_lattice_filter_close_to_exact_gaussian(shared_data, params):
+def test_lattice_filter_close_to_exact_gaussian(shared_data, params, one_thread):
     """The normalised lattice filter is within the measured approximation error of the exact one.
 
     Measured on 12x10 real crops: relative L2 error 1-3 % for the 2-D positional kernel and
@@ -75,7 +84,7 @@ def test_lattice_filter_close_to_exact_gaussian(shared_data, params):
             assert rel < bound, (params, features.shape, rel)
 
 
-def test_lattice_filter_raw_is_a_scaled_gaussian():
+def test_lattice_filter_raw_is_a_scaled_gaussian(one_thread):
     """Unnormalised output / exact Gaussian sum is nearly constant across points (a blur, not noise)."""
     torch.manual_seed(1)
     f = torch.rand(150, 2) * 6
@@ -85,7 +94,7 @@ def test_lattice_filter_raw_is_a_scaled_gaussian():
     assert float(ratio.std() / ratio.mean()) < 0.06
 
 
-def test_mean_field_agrees_with_brute_force(shared_data):
+def test_mean_field_agrees_with_brute_force(shared_data, one_thread):
     """Labels of 10 lattice mean-field iterations vs an exact dense CRF on 12x10 real crops.
 
     The kernels' approximation error propagates through the iterations: measured agreement is
@@ -189,7 +198,7 @@ def test_zero_pairwise_weights_keep_unary_argmax_and_probs_sum_to_one(shared_dat
     assert (refined.argmax(0) != probs.argmax(0)).any()
 
 
-def test_types_in_types_out():
+def test_types_in_types_out(one_thread):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
     probs = rng.random((4, 9, 11)).astype(np.float32)
@@ -244,15 +253,6 @@ def test_batched_lattice_keeps_images_apart():
 
 
 # --------------------------------------------------------------------------- gradients
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: a thread pool only adds barriers (slow on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_gradcheck_probs_and_weights(one_thread):

@@ -76,3 +76,15 @@ def test_crf_cli_rejects_probabilities_that_are_logits(tmp_path, shared_data, ca
 def test_crf_cli_bad_folder(tmp_path, capsys):
     assert main(["crf", "--images", str(tmp_path / "nope"), "--probs", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_crf_cli_unusable_device(tmp_path, shared_data, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: the error path cannot be reached")
+    images, probs, _ = _write_case(tmp_path, shared_data)
+    status = main(["crf", "--images", str(images), "--probs", str(probs), "--out", str(tmp_path / "o"),
+                   "--device", "cuda", "--no-progress"])
+    assert status == 2
+    assert "--device cuda" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def test_eval_crf_agrees_with_crf_on_saved_probs(tmp_path):
     with torch.no_grad():
         for p in model.classifier_parameters():
             p.mul_(30)
-    ds = random_dataset(n=2)
+    ds = random_dataset(n=2, sizes=((32, 40), (24, 33)))
     crf = DenseCRF(bi_w=5, bi_xy_std=20, bi_rgb_std=5, pos_w=3, pos_xy_std=3)
     r = evaluate(model, ds, normalization=CAFFE, crf=crf, save_probs=tmp_path)
     plain = evaluate(model, ds, normalization=CAFFE)
@@ -121,7 +121,7 @@ def test_crf_grid_search_equals_densecrf_per_setting():
     from deeplab.engine.metrics import ConfusionMatrix
 
     rng = np.random.default_rng(0)
-    ds = random_dataset(n=2, seed=2)
+    ds = random_dataset(n=2, seed=2, sizes=((24, 32), (20, 28)))
     samples = []
     for image, mask in zip(ds.images, ds.masks):
         logits = torch.from_numpy(rng.normal(size=(4, *mask.shape)).astype(np.float32)) * 2

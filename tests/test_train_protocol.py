@@ -25,6 +25,13 @@ def test_poly_lr_formula(it):
     assert poly_lr(2.5e-4, 1000, 1000) == 0.0
 
 
+def test_warmup_ramps_then_follows_poly():
+    for it in range(0, 12):
+        expected = 0.01 * (1 - it / 100) ** 0.9 * ((it + 1) / 5 if it < 5 else 1.0)
+        assert poly_lr(0.01, it, 100, 0.9, warmup_iter=5) == pytest.approx(expected, rel=1e-12)
+    assert poly_lr(0.01, 4, 100, warmup_iter=5) == pytest.approx(poly_lr(0.01, 4, 100))
+
+
 def test_poly_scheduler_sets_each_group_with_its_multiplier():
     a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([{"params": [a], "lr_mult": 1.0}, {"params": [b], "lr_mult": 20.0}], lr=1.0)
@@ -203,3 +210,28 @@ def test_global_batches_are_the_same_set_however_split():
     full = list(_StreamSampler(n, seed=seed, batch_size=7, iter_size=1, rank=0, world_size=1, start=0, stop=2))
     assert sorted(i for _, i in full[:7]) == list(range(7)) and sorted(i for _, i in full[7:]) == list(range(7))
     assert [i for _, i in full[:7]] != [i for _, i in full[7:]]  # reshuffled per epoch
+
+
+def test_init_weights_load_matching_tensors_and_skip_the_classifier(tmp_path):
+    from deeplab.engine.checkpoint import save_state_dict
+    from deeplab.engine.train import TrainingError, _load_init_weights
+    from deeplab.models import build_model
+
+    torch.manual_seed(1)
+    src = build_model("deeplab_v2_resnet18", num_classes=21)
+    save_state_dict(src.state_dict(), tmp_path / "init.safetensors")
+    torch.manual_seed(2)
+    dst = build_model("deeplab_v2_resnet18", num_classes=11)
+    messages = []
+    _load_init_weights(dst, tmp_path / "init.safetensors", messages.append)
+    s, d = src.state_dict(), dst.state_dict()
+    classifier = {id(p) for p in dst.classifier_parameters()}
+    names = {n for n, p in dst.named_parameters() if id(p) in classifier}
+    for k in d:
+        if k in names:
+            assert d[k].shape != s[k].shape  # 11 vs 21 classes: left at its initialisation
+        else:
+            assert torch.equal(d[k], s[k]), k
+    assert "skipped for their shape" in messages[0]
+    with pytest.raises(TrainingError, match="deeplab convert"):
+        _load_init_weights(dst, tmp_path / "init.caffemodel", messages.append)

@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", type=float, default=1e-5, help="probabilities are clipped to [clip, 1] before -log")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes (default: the number of cores; 1: in this process, all threads)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for the CRF (cuda runs in this process, one image at a time)")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose PNG already exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -92,13 +94,14 @@ def _crf_kwargs(args: argparse.Namespace) -> dict:
 _WORKER: dict = {}
 
 
-def _init_worker(crf_kwargs: dict, threads: int) -> None:
+def _init_worker(crf_kwargs: dict, threads: int, device: str = "cpu") -> None:
     import torch
 
     from deeplab.crf import DenseCRF
 
     torch.set_num_threads(threads)
     _WORKER["crf"] = DenseCRF(**crf_kwargs)
+    _WORKER["device"] = torch.device(device)
 
 
 def _process(job: tuple[str, Path, Path, Path, bool, str]) -> tuple[str, str | None]:
@@ -128,8 +131,14 @@ def _process(job: tuple[str, Path, Path, Path, bool, str]) -> tuple[str, str | N
         elif np.isfinite(arr).all() and (arr.min() < -1e-3 or arr.max() > 1 + 1e-3):
             raise ValueError(f"{probs_path}: values in [{arr.min():.3g}, {arr.max():.3g}] are not probabilities; "
                              "pass --logits for logits")
-        q = _WORKER["crf"](image, arr)
-        labels = q.argmax(0).astype(np.uint8)
+        device = _WORKER["device"]
+        if device.type == "cpu":
+            labels = _WORKER["crf"](image, arr).argmax(0).astype(np.uint8)
+        else:
+            import torch
+
+            q = _WORKER["crf"](torch.from_numpy(image).to(device), torch.from_numpy(arr).to(device))
+            labels = q.argmax(0).to(torch.uint8).cpu().numpy()
         palette = {"voc": voc_palette(256), "camvid": CAMVID_PALETTE, "none": None}[palette_name]
         write_label_png(out_path, labels, palette)
         return sample_id, None
@@ -170,11 +179,20 @@ def run(args: argparse.Namespace) -> int:
         for sid, image, probs in pairs
         if args.overwrite or not (args.out / f"{sid}.png").exists()
     ]
+    try:
+        device = torch.device(args.device)
+        if device.type != "cpu":
+            torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        print(f"error: --device {args.device} is not usable here: {exc}", file=sys.stderr)
+        return 2
+    if device.type != "cpu":
+        workers = 1  # one process owns the GPU
     workers = min(workers, max(1, len(jobs)))
     errors: list[str] = []
     bar = tqdm(total=len(jobs), unit="img", disable=args.no_progress, desc="crf")
     if workers == 1:
-        _init_worker(crf_kwargs, torch.get_num_threads())
+        _init_worker(crf_kwargs, torch.get_num_threads(), args.device)
         results = map(_process, jobs)
         for sid, err in results:
             if err:

@@ -52,21 +52,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val", help="split holding the images to search on")
     parser.add_argument("--limit", type=int, default=100, help="first N images of the split (the paper: 100)")
     parser.add_argument("--probs", type=Path, default=None, metavar="DIR",
-                        help="probabilities saved by 'deeplab eval --save-probs DIR' (else computed once)")
+                        help="probabilities saved by 'deeplab eval --save-probs DIR'; without it they are computed once")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="weights used when --probs is not given (default: the packaged model)")
+                        help="weights used when --probs is not given; without it, the packaged model")
     parser.add_argument("--model", default=None, help="expected model name (checked against the weights)")
     parser.add_argument("--msc", type=parse_scales, default=None, metavar="S1,S2",
                         help="extra input scales when computing probabilities")
     parser.add_argument("--flip", action="store_true", help="flip averaging when computing probabilities")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="network precision when computing probabilities")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (network and CRF)")
-    parser.add_argument("--bi-w", type=parse_range, default=parse_range("3:1:6"),
-                        metavar="RANGE", help="bilateral weight w1 values (default 3:1:6)")
-    parser.add_argument("--bi-xy-std", type=parse_range, default=parse_range("30:10:100"),
-                        metavar="RANGE", help="bilateral spatial std values (default 30:10:100)")
-    parser.add_argument("--bi-rgb-std", type=parse_range, default=parse_range("3:1:6"),
-                        metavar="RANGE", help="bilateral colour std values (default 3:1:6)")
+    parser.add_argument("--bi-w", type=parse_range, default="3:1:6",
+                        metavar="RANGE", help="bilateral weight w1 values: start:step:stop or a list")
+    parser.add_argument("--bi-xy-std", type=parse_range, default="30:10:100",
+                        metavar="RANGE", help="bilateral spatial std values")
+    parser.add_argument("--bi-rgb-std", type=parse_range, default="3:1:6",
+                        metavar="RANGE", help="bilateral colour std values")
     parser.add_argument("--pos-w", type=float, default=3.0, help="smoothness weight w2 (fixed)")
     parser.add_argument("--pos-xy-std", type=float, default=3.0, help="smoothness std (fixed)")
     parser.add_argument("--iterations", type=int, default=10, help="mean-field iterations")

@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", required=True, type=Path, help="the data set's root folder")
     parser.add_argument("--split", default="val", help="split to evaluate")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="weights .safetensors (default: the packaged default model)")
+                        help="weights .safetensors; without it, the packaged default model")
     parser.add_argument("--model", default=None,
                         help="expected model name (checked against the weights' metadata)")
     parser.add_argument("--msc", type=parse_scales, default=None, metavar="S1,S2",
@@ -71,10 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", action="store_true", help="average with the mirrored image")
     parser.add_argument("--crf", action="store_true", help="refine with the fully connected CRF")
     parser.add_argument("--crf-params", default=None, metavar="K=V,...",
-                        help="DenseCRF parameters, e.g. bi_w=4,bi_xy_std=67,bi_rgb_std=3 "
-                        "(default: those stored with the weights, else DenseCRF's)")
+                        help="DenseCRF parameters, e.g. bi_w=4,bi_xy_std=67,bi_rgb_std=3; unset ones "
+                        "come from the weights' metadata, else DenseCRF's defaults")
     parser.add_argument("--sliding-window", type=int, default=None, metavar="SIZE",
                         help="sliding-window inference with SIZE x SIZE windows (large images)")
+    parser.add_argument("--overlap", type=float, default=1 / 3,
+                        help="fraction of a sliding window shared with its neighbour (default: %(default).3g)")
     parser.add_argument("--save-probs", type=Path, default=None, metavar="DIR",
                         help="write float16 <id>.npy (C,H,W) probabilities (before the CRF)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write the metrics as JSON")
@@ -104,9 +106,9 @@ def _json_safe(x: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON atomically (NaN written as null)."""
-    from deeplab.engine.evaluate import atomic_write
+    from deeplab.fileio import atomic_open
 
-    with atomic_write(path, "w") as f:
+    with atomic_open(path, "w") as f:
         json.dump(_json_safe(obj), f, indent=2, allow_nan=False)
         f.write("\n")
 
@@ -131,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--limit must be >= 1, got {args.limit}")
     if args.sliding_window is not None and args.sliding_window < 16:
         return _error(f"--sliding-window must be at least 16 pixels, got {args.sliding_window}")
+    if not 0.0 <= args.overlap < 1.0:
+        return _error(f"--overlap must be in [0, 1), got {args.overlap}")
     try:
         crf_params = parse_crf_params(args.crf_params)
     except ValueError as e:
@@ -181,13 +185,18 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.set_device(info.local_rank)
     main = info.rank == 0
 
+    seen: set[str] = set()
+
     def notice(msg: str) -> None:
-        print(f"notice: {msg}", file=sys.stderr)
+        if msg not in seen:  # once per distinct message, not once per image
+            seen.add(msg)
+            print(f"notice: {msg}", file=sys.stderr)
 
     try:
         result = evaluate(
             bundle.model, dataset, normalization=bundle.normalization, msc_scales=args.msc,
-            flip=args.flip, precision=args.precision, sliding_window=args.sliding_window, crf=crf,
+            flip=args.flip, precision=args.precision, sliding_window=args.sliding_window,
+            overlap=args.overlap, crf=crf,
             save_probs=args.save_probs, limit=args.limit, device=device, optimize=False,
             num_workers=args.workers, keep_examples=3 if args.report else 0,
             progress=main, notice=notice,
@@ -211,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
         "flip": args.flip,
         "crf": crf_params if args.crf else None,
         "sliding_window": args.sliding_window,
+        "overlap": args.overlap if args.sliding_window else None,
         "precision": args.precision,
         "device": args.device,
         "limit": args.limit,

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image files, folders of images or glob patterns")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="weights .safetensors (default: the packaged default model)")
+                        help="weights .safetensors; without it, the packaged default model")
     parser.add_argument("--model", default=None,
                         help="expected model name (checked against the weights' metadata)")
     parser.add_argument("--crf", action="store_true", help="refine with the fully connected CRF")
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-probs", action="store_true",
                         help="also write <stem>.npy float16 (C,H,W) probabilities")
     parser.add_argument("--max-pixels", type=int, default=None,
-                        help="downscale larger images for the network (default: 6,000,000)")
+                        help="downscale larger images for the network; unset: 6,000,000")
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay")
 
 
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
 
     def notice(msg: str) -> None:
-        print(f"notice: {msg}", file=sys.stderr)
+        bar.write(f"notice: {msg}", file=sys.stderr)
 
     failures = list(problems)
     for msg in problems:

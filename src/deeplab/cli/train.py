@@ -8,7 +8,7 @@ best.safetensors and best.json (best validation mIoU), and metrics.jsonl.
 Examples:
   deeplab train configs/camvid_resnet18.yaml --out runs/camvid_r18
   deeplab train configs/camvid_resnet18.yaml --out runs/camvid_r18 --resume
-  deeplab train configs/voc12_resnet101_msc.yaml --out runs/voc --set solver.max_iter=100 --set data.root=/data/VOC2012
+  deeplab train configs/voc12_resnet101_aspp_l_msc.yaml --out runs/voc --set data.root=/data/VOC2012
   torchrun --nproc_per_node 2 -m deeplab.cli train configs/camvid_resnet18.yaml --out runs/ddp
 
 Under torchrun, solver.batch_size is per process: the global batch is
@@ -19,6 +19,7 @@ checkpoint, 3 diverged (NaN / inf loss; the last good checkpoint is kept).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -42,7 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CHECKPOINT",
         help="continue the run in --out from its newest checkpoint (or from the given iter_N.pt)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar: one log line every log_interval iterations instead (for log files)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -72,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     except (TrainingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the main process reports
+        return 0
     best = summary["best_miou"]
     best_txt = f", best val mIoU {100 * best:.2f}% at iteration {summary['best_iteration']}" if best is not None else ""
     print(

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PermutohedralLattice"]
+__all__ = ["LatticeFilter", "PermutohedralLattice"]
 
 # Keys are packed into one int64 per lattice point; one bit is kept free for the sign.
 _PACK_BITS = 62
@@ -60,29 +60,33 @@ def _simplex(elevated: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dev = elevated.device
     down_factor = torch.tensor(1.0 / d1, dtype=torch.float32, device=dev)
     v = elevated * down_factor
-    up = torch.ceil(v) * d1
-    down = torch.floor(v) * d1
-    rem0 = torch.where(up - elevated < elevated - down, up, down)
-    rem0_i = rem0.to(torch.int64)
-    total = torch.div(rem0_i.sum(1), d1, rounding_mode="trunc")
+    up = torch.ceil(v).mul_(d1)
+    down = v.floor_().mul_(d1)
+    rem0 = torch.where((up - elevated) < (elevated - down), up, down)  # float, exact small multiples of d1
+    del up, down, v
     diff = elevated - rem0
-    # rank[i] = #{j > i: diff_j > diff_i} + #{j < i: diff_j >= diff_i}: the C++ tie order.
-    a = diff[:, None, :]  # j
-    b = diff[:, :, None]  # i
-    upper = torch.ones(d1, d1, dtype=torch.bool, device=dev).triu(1)
-    rank = torch.where(upper, a > b, a >= b)
-    rank.diagonal(dim1=1, dim2=2).zero_()
-    rank = rank.sum(2) + total[:, None]
-    low = rank < 0
-    high = rank > d
-    rank = rank + d1 * low - d1 * high
-    rem0_i = rem0_i + d1 * low - d1 * high
-    vb = (elevated - rem0_i.to(torch.float32)) * down_factor
+    # rank[i] = #{j: diff_j > diff_i} + #{j < i: diff_j == diff_i}: the C++ loop's tie order.
+    # A loop over j on (P, d+1) tensors: a (P, d+1, d+1) comparison costs 4x more here.
+    rank = torch.zeros(p, d1, dtype=torch.int64, device=dev)
+    for j in range(d1):
+        col = diff[:, j : j + 1]
+        rank += col > diff
+        if j < d:
+            rank[:, j + 1 :] += col == diff[:, j + 1 :]
+    del diff
+    total = torch.div(rem0.sum(1).to(torch.int64), d1, rounding_mode="trunc")
+    rank += total[:, None]
+    # Bring the point back onto the plane (sum = 0) when the rounding left it off.
+    wrap = (rank < 0).to(torch.int64) - (rank > d).to(torch.int64)
+    rank += d1 * wrap
+    rem0 += d1 * wrap
+    del wrap
+    vb = (elevated - rem0).mul_(down_factor)
     bary = torch.zeros(p, d + 2, dtype=torch.float32, device=dev)
     bary.scatter_add_(1, d - rank, vb)
-    bary.scatter_add_(1, d - rank + 1, -vb)
+    bary.scatter_add_(1, d - rank + 1, vb.neg_())
     bary[:, 0] += 1.0 + bary[:, d + 1]
-    return rem0_i, rank, bary[:, : d + 1].contiguous()
+    return rem0.to(torch.int64), rank, bary[:, : d + 1].contiguous()
 
 
 class _Filter(torch.autograd.Function):
@@ -133,7 +137,8 @@ class LatticeFilter:
 
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         if dtype not in self._w:
-            self._w[dtype] = tuple(w.to(dtype) for w in self._w[torch.float32])  # type: ignore[assignment]
+            splat_w, blur_w, slice_w = self._w[torch.float32]
+            self._w[dtype] = (splat_w.to(dtype), blur_w.to(dtype), slice_w.to(dtype))
         return self._w[dtype]
 
     def _run(self, x: Tensor, reverse: bool) -> Tensor:
@@ -142,7 +147,7 @@ class LatticeFilter:
         v = F.embedding_bag(lat._splat_idx, x, lat._splat_off, mode="sum", per_sample_weights=splat_w)
         order = range(lat.dim, -1, -1) if reverse else range(lat.dim + 1)
         for j in order:
-            v = F.embedding_bag(lat._blur_idx[j], v, mode="sum", per_sample_weights=blur_w[j])
+            v = F.embedding_bag(lat._blur_idx[j], v, mode="sum", per_sample_weights=blur_w)
         return F.embedding_bag(lat._slice_idx, v, mode="sum", per_sample_weights=slice_w)
 
     def __call__(self, values: Tensor, reverse: bool = False) -> Tensor:
@@ -209,17 +214,22 @@ class PermutohedralLattice:
         # Splat (the transpose): vertex k gathers the points that touch it (sorted by vertex).
         self._splat_idx = torch.div(perm, d1, rounding_mode="floor").to(idx_dtype)
         self._splat_bary = bary.reshape(-1)[perm]
-        self._splat_off = (torch.cumsum(counts, 0) - counts).to(idx_dtype)
+        # One extra, empty bag: vertex M is a zero row (the C++ code's "-1 -> 0" neighbour).
+        self._splat_off = torch.cat([torch.cumsum(counts, 0) - counts, counts.new_full((1,), p * d1)]).to(idx_dtype)
         del perm, inverse, counts
-        # Blur along direction j: v_k + 0.5 (v_n1 + v_n2). An absent neighbour (the C++ code's
-        # zero row) becomes the vertex itself with weight 0, so every bag has 3 entries.
-        self_idx = torch.arange(m, device=dev, dtype=idx_dtype)
+        # Blur along direction j: v_k + 0.5 (v_n1 + v_n2), an absent neighbour read from the zero
+        # row M; the zero row's own bag (M, M, M) keeps it zero.
         missing = neighbours < 0  # (d1, 2, M)
-        nb = torch.where(missing, self_idx.to(neighbours.dtype), neighbours).to(idx_dtype)
-        del neighbours
-        self._blur_idx = torch.stack([nb[:, 0], self_idx.expand(d1, m), nb[:, 1]], 2)  # (d1, M, 3)
-        half = torch.where(missing, 0.0, 0.5).to(torch.float32)
-        self._blur_w = torch.stack([half[:, 0], torch.ones(d1, m, device=dev), half[:, 1]], 2)
+        neighbours[missing] = m
+        nb = neighbours.to(idx_dtype)
+        del neighbours, missing
+        self_idx = torch.arange(m + 1, device=dev, dtype=idx_dtype)
+        pad = torch.full((d1, 1), m, dtype=idx_dtype, device=dev)
+        self._blur_idx = torch.stack(
+            [torch.cat([nb[:, 0], pad], 1), self_idx.expand(d1, m + 1), torch.cat([nb[:, 1], pad], 1)], 2
+        )  # (d1, M+1, 3)
+        # Materialised: embedding_bag would copy an expanded tensor on every call.
+        self._blur_w = torch.tensor([0.5, 1.0, 0.5], dtype=torch.float32, device=dev).repeat(m + 1, 1)
 
     def filter(self, values: Tensor, reverse: bool = False) -> Tensor:
         """Gaussian-filter ``values`` (``(N, C)``, ``(B, N, C)`` or ``(B*N, C)``; float32/64).
@@ -292,11 +302,12 @@ def _hash(rem0: Tensor, rank: Tensor, b: int, n: int) -> tuple[Tensor, Tensor, T
     idx = torch.searchsorted(uniq_s, queries).clamp_(max=m - 1)
     found = uniq_s[idx] == queries
     del queries
-    neighbours = torch.full((d1, 2, m), -1, dtype=torch.int64, device=dev)
-    neighbours[:, 0] = torch.where(found, idx, -1)
-    rows = torch.arange(d1, device=dev)[:, None].expand(d1, m)[found]
-    src = torch.arange(m, device=dev).expand(d1, m)[found]
-    neighbours[rows, 1, idx[found]] = src
+    # n2 by scattering k into n1(k)'s slot; misses go to a spare column m, dropped after.
+    neighbours = torch.full((d1, 2, m + 1), -1, dtype=torch.int64, device=dev)
+    target = torch.where(found, idx, m)
+    neighbours[:, 0, :m] = torch.where(found, idx, -1)
+    neighbours[:, 1].scatter_(1, target, torch.arange(m, device=dev).expand(d1, m))
+    neighbours = neighbours[:, :, :m]
     return inverse, perm, counts, neighbours
 
 

@@ -9,12 +9,13 @@ names the file and says how to fix it.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from deeplab.fileio import atomic_open
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -232,14 +233,8 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray, palette: np.nda
         img = img.convert("P")
         img.putpalette(pal.ravel().tolist())
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as fh:
+        img.save(fh, format="PNG")
 
 
 def colour_mask_to_labels(

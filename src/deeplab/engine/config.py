@@ -109,6 +109,8 @@ class SolverConfig:
         base_lr: learning rate of the backbone weights at iteration 0.
         momentum / weight_decay: SGD's.
         lr_power: poly exponent: ``lr = base_lr * (1 - iter / max_iter) ** lr_power``.
+        warmup_iter: not in the paper (0 = off): a linear warm-up of the rate over the first
+            iterations, for training from scratch.
         max_iter: number of optimiser steps.
         batch_size: images per forward pass *per process*.
         iter_size: forward/backward passes accumulated per step (Caffe's ``iter_size``); the
@@ -121,6 +123,7 @@ class SolverConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_power: float = 0.9
+    warmup_iter: int = 0
     max_iter: int = 20000
     batch_size: int = 5
     iter_size: int = 2
@@ -275,6 +278,7 @@ def _validate(cfg: TrainConfig) -> None:
         "data.num_workers": d.num_workers,
         "solver.weight_decay": s.weight_decay,
         "solver.momentum": s.momentum,
+        "solver.warmup_iter": s.warmup_iter,
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value!r}")

@@ -9,14 +9,11 @@ single process's exactly.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
-import os
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +27,9 @@ from deeplab.engine.inference import (
     prepare_model,
 )
 from deeplab.engine.metrics import ConfusionMatrix, metrics_from_matrix
+from deeplab.fileio import atomic_open
 
-__all__ = ["atomic_write", "evaluate", "save_probs_npy", "probs_path", "crf_grid_search", "refine_grid"]
+__all__ = ["evaluate", "save_probs_npy", "probs_path", "crf_grid_search", "refine_grid"]
 
 
 def probs_path(directory: str | Path, sample_id: str) -> Path:
@@ -39,32 +37,10 @@ def probs_path(directory: str | Path, sample_id: str) -> Path:
     return Path(directory) / f"{sample_id}.npy"
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on success rename it over ``path``.
-
-    A reader never sees a half-written file, and an interrupted run leaves the old file (or
-    none). The file gets the usual permissions (0666 minus the umask), not ``mkstemp``'s 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_probs_npy(path: str | Path, probs: torch.Tensor | np.ndarray) -> None:
     """Write (C,H,W) probabilities as float16 ``.npy``, atomically (temp file + rename)."""
     arr = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
-    with atomic_write(path) as f:
+    with atomic_open(path) as f:
         np.save(f, arr.astype(np.float16))
 
 
@@ -119,6 +95,7 @@ def evaluate(
     flip: bool = False,
     precision: Precision = "bf16",
     sliding_window: int | None = None,
+    overlap: float = 1 / 3,
     crf: Callable[[np.ndarray, torch.Tensor], torch.Tensor] | None = None,
     save_probs: str | Path | None = None,
     limit: int | None = None,
@@ -142,6 +119,7 @@ def evaluate(
         flip: average with the mirrored image's logits.
         precision: ``"bf16"`` (default) or ``"fp32"`` network precision; softmax is always fp32.
         sliding_window: window size for large images (None: whole images).
+        overlap: fraction of a window shared with its neighbour.
         crf: a ``deeplab.crf.DenseCRF`` (or any ``(image, probs) -> probs``) applied before the
             argmax; None to skip.
         save_probs: folder for float16 ``<id>.npy`` (C,H,W) probabilities *before* the CRF
@@ -213,6 +191,7 @@ def evaluate(
             flip=flip,
             precision=precision,
             sliding_window=sliding_window,
+            overlap=overlap,
             max_pixels=max_pixels,
             notice=notice,
         )

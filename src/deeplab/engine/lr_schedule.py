@@ -13,7 +13,7 @@ import torch
 __all__ = ["PolyLR", "poly_lr"]
 
 
-def poly_lr(base_lr: float, iteration: int, max_iter: int, power: float = 0.9) -> float:
+def poly_lr(base_lr: float, iteration: int, max_iter: int, power: float = 0.9, warmup_iter: int = 0) -> float:
     """The poly learning rate at ``iteration`` (0-based).
 
     Args:
@@ -21,11 +21,16 @@ def poly_lr(base_lr: float, iteration: int, max_iter: int, power: float = 0.9) -
         iteration: current iteration, clamped to ``[0, max_iter]``.
         max_iter: total iterations (the rate is 0 there).
         power: poly exponent (the paper: 0.9).
+        warmup_iter: not in the paper (0 = off): scale the rate by ``(iteration + 1) / warmup_iter``
+            for the first ``warmup_iter`` iterations, which tames the first steps of training from scratch.
     """
     if max_iter <= 0:
         raise ValueError(f"max_iter must be > 0, got {max_iter}")
     it = min(max(iteration, 0), max_iter)
-    return base_lr * (1.0 - it / max_iter) ** power
+    lr = base_lr * (1.0 - it / max_iter) ** power
+    if warmup_iter > 0 and it < warmup_iter:
+        lr *= (it + 1) / warmup_iter
+    return lr
 
 
 class PolyLR:
@@ -39,33 +44,38 @@ class PolyLR:
         base_lr: rate of a group with ``lr_mult`` 1 at iteration 0.
         max_iter: total iterations.
         power: poly exponent.
+        warmup_iter: linear warm-up length (0 = none, the paper), see :func:`poly_lr`.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, base_lr: float, max_iter: int, power: float = 0.9) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, *, base_lr: float, max_iter: int, power: float = 0.9,
+                 warmup_iter: int = 0) -> None:
         self.optimizer = optimizer
         self.base_lr = float(base_lr)
         self.max_iter = int(max_iter)
         self.power = float(power)
+        self.warmup_iter = int(warmup_iter)
         self.iteration = 0
         self.step_to(0)
 
     def step_to(self, iteration: int) -> float:
         """Set the rates for ``iteration``; return the base (``lr_mult`` 1) rate."""
         self.iteration = int(iteration)
-        lr = poly_lr(self.base_lr, self.iteration, self.max_iter, self.power)
+        lr = self.get_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         return lr
 
     def get_lr(self) -> float:
         """The current base (``lr_mult`` 1) rate."""
-        return poly_lr(self.base_lr, self.iteration, self.max_iter, self.power)
+        return poly_lr(self.base_lr, self.iteration, self.max_iter, self.power, self.warmup_iter)
 
     def state_dict(self) -> dict[str, float | int]:
-        return {"iteration": self.iteration, "base_lr": self.base_lr, "max_iter": self.max_iter, "power": self.power}
+        return {"iteration": self.iteration, "base_lr": self.base_lr, "max_iter": self.max_iter, "power": self.power,
+                "warmup_iter": self.warmup_iter}
 
     def load_state_dict(self, state: dict[str, float | int]) -> None:
         self.base_lr = float(state["base_lr"])
         self.max_iter = int(state["max_iter"])
         self.power = float(state["power"])
+        self.warmup_iter = int(state.get("warmup_iter", 0))
         self.step_to(int(state["iteration"]))

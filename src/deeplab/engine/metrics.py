@@ -18,7 +18,6 @@ Conventions (those of the DeepLab / FCN evaluation code and torchvision's refere
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -162,7 +161,3 @@ def metrics_from_matrix(mat: torch.Tensor | np.ndarray) -> dict[str, Any]:
         "confusion_matrix": m.astype(np.int64).tolist(),
     }
 
-
-def is_nan(x: float) -> bool:
-    """True for a float NaN (helper for printing tables)."""
-    return isinstance(x, float) and math.isnan(x)

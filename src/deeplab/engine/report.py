@@ -237,9 +237,9 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     page = render_report(result, dataset=dataset, class_names=class_names, palette=palette,
                          settings=settings, use_matplotlib=use_matplotlib)
-    from deeplab.engine.evaluate import atomic_write
+    from deeplab.fileio import atomic_open
 
     path = out / "index.html"
-    with atomic_write(path, "w") as f:
+    with atomic_open(path, "w") as f:
         f.write(page)
     return path

@@ -229,9 +229,9 @@ def save_jpeg(path: str | os.PathLike, image: np.ndarray, quality: int = 90) -> 
     """Write an RGB uint8 image as JPEG atomically (temp file + ``os.replace``)."""
     from PIL import Image
 
-    from deeplab.engine.evaluate import atomic_write
+    from deeplab.fileio import atomic_open
 
-    with atomic_write(path) as fh:
+    with atomic_open(path) as fh:
         Image.fromarray(np.asarray(image, dtype=np.uint8)).save(fh, format="JPEG", quality=quality)
 
 

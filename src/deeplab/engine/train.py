@@ -52,6 +52,7 @@ __all__ = [
     "build_param_groups",
     "median_frequency_weights",
     "train",
+    "train_step",
 ]
 
 
@@ -364,6 +365,73 @@ def _plain_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    precision: str = "bf16",
+    ignore_index: int = 255,
+    class_weights: torch.Tensor | None = None,
+    step: bool = True,
+) -> torch.Tensor:
+    """One optimiser step over ``iter_size`` micro-batches (gradient accumulation), DDP-aware.
+
+    The loss of every logits map (one, or the MSC model's scales and fused map) is the sum of
+    the pixel cross-entropies divided by the number of valid pixels of the *global* batch (all
+    micro-batches of all processes, gathered before the first backward), so the gradient is that
+    of one big batch. Under DDP the gradient all-reduce happens on the last micro-batch only.
+
+    Args:
+        model: the network (optionally wrapped in ``DistributedDataParallel``), in training mode.
+        optimizer: its optimiser (gradients are zeroed here first).
+        micro_batches: ``iter_size`` pairs (images (B,3,H,W) on the model's device, labels (B,H,W)),
+            all crops of the same size.
+        precision: ``"bf16"`` (autocast on the images' device; the loss in fp32) or ``"fp32"``.
+        ignore_index: label that does not count.
+        class_weights: optional (C,) class weights on the device.
+        step: call ``optimizer.step()`` at the end (the trainer checks the loss first).
+
+    Returns:
+        The global loss (float64 scalar tensor, identical on every process).
+    """
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    world = torch.distributed.get_world_size() if ddp else 1
+    device = micro_batches[0][0].device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    optimizer.zero_grad(set_to_none=True)
+    normalizers: list[float] | None = None
+    sizes: list[tuple[int, ...]] = []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    last = len(micro_batches) - 1
+    for k, (images, labels) in enumerate(micro_batches):
+        sync = model.no_sync() if (ddp and k < last) else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                outputs = model(images)
+            maps = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+            if normalizers is None:
+                # The valid pixels of the whole global batch at each logits' size.
+                sizes = [tuple(o.shape[-2:]) for o in maps]
+                counts = torch.stack([
+                    sum(valid_weight(lab, size, ignore_index=ignore_index, weight=class_weights)
+                        for _, lab in micro_batches)
+                    for size in sizes
+                ]).to(device=device, dtype=torch.float64)
+                normalizers = all_reduce_sum(counts).tolist()
+            elif [tuple(o.shape[-2:]) for o in maps] != sizes:
+                raise TrainingError("the training crops of one step must share a size")
+            loss = msc_cross_entropy(maps, labels, ignore_index=ignore_index, weight=class_weights,
+                                     normalizers=normalizers)
+            # DDP averages gradients over processes; the loss is already a global mean.
+            (loss * world).backward()
+        loss_sum += loss.detach().double()
+    all_reduce_sum(loss_sum)
+    if step:
+        optimizer.step()
+    return loss_sum
+
+
 # ----------------------------------------------------------------------------------------------
 # the training loop
 
@@ -463,6 +531,10 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
         raise TrainingError(f"cannot load data set {d.dataset!r} from {root}: {e}") from None
     if len(train_ds) == 0:
         raise TrainingError(f"the {d.train_split!r} split of {root} is empty")
+    ds_ignore = int(getattr(train_ds, "ignore_index", 255))
+    if d.ignore_index != ds_ignore:
+        raise TrainingError(f"data.ignore_index is {d.ignore_index} but the {d.dataset} masks mark ignored pixels "
+                            f"with {ds_ignore}: set data.ignore_index: {ds_ignore}")
     num_classes = m.num_classes or int(train_ds.num_classes)
     if num_classes != int(train_ds.num_classes):
         raise TrainingError(
@@ -515,7 +587,8 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                                 classifier_lr_mult=s.classifier_lr_mult,
                                 classifier_bias_lr_mult=s.classifier_bias_lr_mult)
     optimizer = torch.optim.SGD(groups, lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    scheduler = PolyLR(optimizer, base_lr=s.base_lr, max_iter=s.max_iter, power=s.lr_power)
+    scheduler = PolyLR(optimizer, base_lr=s.base_lr, max_iter=s.max_iter, power=s.lr_power,
+                       warmup_iter=s.warmup_iter)
     global_batch = s.batch_size * s.iter_size * dist_info.world_size
 
     # ---- resume ----------------------------------------------------------------------------
@@ -564,10 +637,12 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=s.batch_size, sampler=sampler, num_workers=d.num_workers,
         pin_memory=device.type == "cuda", drop_last=False,
+        # Its own generator: creating the loader must not draw from the global RNG, which a
+        # resumed run restores and dropout then uses.
+        generator=torch.Generator().manual_seed(cfg.seed),
         persistent_workers=False, prefetch_factor=4 if d.num_workers > 0 else None,
     )
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     meta = lambda it: _weights_metadata(cfg, train_ds, num_classes, it)  # noqa: E731
 
     def save_checkpoint(iteration: int) -> Path:
@@ -611,40 +686,15 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
     t_window, n_window = time.perf_counter(), 0
     t_start = time.perf_counter()
     loss_value = float("nan")
-    world = dist_info.world_size
-    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     try:
         for it in range(start, s.max_iter):
             lr = scheduler.step_to(it)
             micro = [next(batches) for _ in range(s.iter_size)]
             micro = [(img.to(device, non_blocking=True).contiguous(memory_format=memory_format),
                       lab.to(device, non_blocking=True)) for img, lab in micro]
-            optimizer.zero_grad(set_to_none=True)
-            normalizers: torch.Tensor | None = None
-            sizes: list[tuple[int, int]] = []
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for k, (images, labels) in enumerate(micro):
-                sync = contextlib.nullcontext() if (not ddp or k == s.iter_size - 1) else model.no_sync()
-                with sync:
-                    with autocast:
-                        outputs = model(images)
-                    maps = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
-                    if normalizers is None:
-                        # The valid pixels of the whole global batch at each logits' size.
-                        sizes = [tuple(o.shape[-2:]) for o in maps]
-                        counts = torch.stack([
-                            sum(valid_weight(lab, size, ignore_index=d.ignore_index, weight=weight) for _, lab in micro)
-                            for size in sizes
-                        ]).to(device=device, dtype=torch.float64)
-                        normalizers = all_reduce_sum(counts)
-                    elif [tuple(o.shape[-2:]) for o in maps] != sizes:
-                        raise TrainingError("training crops of one step must share a size")
-                    loss = msc_cross_entropy(maps, labels, ignore_index=d.ignore_index, weight=weight,
-                                             normalizers=normalizers.tolist())
-                    # DDP averages gradients over processes; the loss is already a global mean.
-                    (loss * world).backward()
-                loss_sum += loss.detach().double()
-            loss_value = float(all_reduce_sum(loss_sum))
+            loss_sum = train_step(model, optimizer, micro, precision=cfg.precision,
+                                  ignore_index=d.ignore_index, class_weights=weight, step=False)
+            loss_value = float(loss_sum)
             if not math.isfinite(loss_value):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
                 raise TrainingDiverged(
@@ -661,6 +711,8 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                 ips = n_window * global_batch / max(now - t_window, 1e-9)
                 t_window, n_window = now, 0
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.2f}")
+                if not progress:
+                    log(f"iteration {done}/{s.max_iter}: loss {loss_value:.4f}, lr {lr:.3g}, {ips:.2f} images/s")
                 _append_jsonl(run.metrics, {"iteration": done, "loss": loss_value, "lr": lr,
                                             "images_per_s": ips, "time": time.time()})
                 if tb_writer is not None:

@@ -145,15 +145,18 @@ def optimize_for_inference(
     ``deeplab_v2_resnet101`` at 1x3x513x513 on a 2-core AMD EPYC with avx512_bf16, no AMX):
 
     - ``precision="bf16"``: the weights are converted to bfloat16 once and the input is cast
-      to bf16, so every convolution runs oneDNN's bf16 kernels (~3x faster than fp32 here).
-      Converting the weights once beats ``torch.autocast``, which re-casts all 44M weights on
-      every call (~1.6x slower here). Logits differ from fp32 by ~2% of their largest
-      magnitude (bf16 keeps 8 significant bits; ~100 layers each round once).
+      to bf16, so every convolution runs oneDNN's bf16 kernels (2-3x less CPU time than fp32
+      here; the 8x goal needs AMX bf16 units, which this CPU lacks). Converting the weights
+      once beats ``torch.autocast``, which re-casts all 44M weights on every call (~2x more
+      CPU time here). Logits differ from fp32 by ~2% of their largest magnitude (bf16 keeps 8
+      significant bits; ~100 layers each round once).
     - ``channels_last``: NHWC activations, the layout oneDNN's CPU convolutions use natively.
     - ``fold_bn``: batch-norm folded into the preceding convolutions (one pass fewer over
       every feature map; exact up to float rounding).
-    - ``torch.compile`` is not used: it measured no faster than this eager path (within
-      noise) after a 10-20 s compilation per input size.
+    - Not used: ``torch.compile`` (inductor with freezing) saved ~16% CPU time but lost on wall
+      time, after ~24 s of compilation per input size and ~300 MiB more memory;
+      ``torch.jit.freeze`` measured no better than this eager path. The forward runs under
+      ``torch.no_grad`` rather than ``inference_mode`` so callers may modify the outputs in place.
 
     Args:
         model: a network from :func:`deeplab.models.build_model` (plain or MSC).

@@ -53,6 +53,16 @@ def scaled_size(size: int, scale: float) -> int:
     return int(math.floor((size - 1) * scale + 1e-6)) + 1
 
 
+def _scaled_input_size(x: Tensor, scale: float) -> tuple:
+    h, w = x.shape[-2:]
+    if torch.jit.is_tracing():
+        # While exporting (ONNX), sizes are traced tensors: keep the arithmetic in the graph so
+        # the exported model accepts any input size.
+        return tuple(torch.floor((v - 1) * scale + 1e-6).long() + 1 if isinstance(v, Tensor) else scaled_size(v, scale)
+                     for v in (h, w))
+    return scaled_size(h, scale), scaled_size(w, scale)
+
+
 class DeepLabMSC(nn.Module):
     """A DeepLab network run on several input scales with max fusion.
 
@@ -87,13 +97,11 @@ class DeepLabMSC(nn.Module):
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         """Eval: fused logits; train: ``[scale-1 logits, *extra-scale logits, fused]`` (see class doc)."""
         check_input(x)
-        h_in, w_in = x.shape[-2:]
         logits = self._logits(x)
         size = logits.shape[-2:]
         pyramid = []
         for s in self.msc_scales:
-            xs = F.interpolate(x, size=(scaled_size(h_in, s), scaled_size(w_in, s)), mode="bilinear",
-                               align_corners=True)
+            xs = F.interpolate(x, size=_scaled_input_size(x, s), mode="bilinear", align_corners=True)
             pyramid.append(self._logits(xs))
         fused = logits
         for out in pyramid:

@@ -29,12 +29,13 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from deeplab.fileio import atomic_open
 
 __all__ = [
     "CaffeModelError",
@@ -462,11 +463,5 @@ def write_caffemodel(
             msg += _enc_len(_V1_CONV if legacy else _LAYER_CONV, _enc_conv(layer.conv, packed))
         body += _enc_len(_NET_LAYERS_V1 if legacy else _NET_LAYER, bytes(msg))
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        f.write(body)

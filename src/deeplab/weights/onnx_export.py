@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from deeplab.fileio import atomic_path
 
 __all__ = ["export_onnx"]
 
@@ -69,9 +70,7 @@ def export_onnx(
             "image": {0: "batch", 2: "height", 3: "width"},
             "logits": {0: "batch", 2: "logits_height", 3: "logits_width"},
         }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             # The legacy exporter announces its deprecation on every call.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -94,8 +93,4 @@ def export_onnx(
         proto.producer_name = "deeplab"
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -1,0 +1,54 @@
+"""Atomic file writes, shared by every part of the package that writes outputs.
+
+A reader (or a resumed run) must never find a half-written checkpoint, label map or weights
+file: everything is written to a temporary file in the destination folder and renamed over the
+destination (``os.replace`` is atomic within one file system). This module imports nothing from
+the rest of the package, so any layer may use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_open", "atomic_path"]
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success, flush it to disk and rename it over ``path``.
+
+    For writers that take a file name (safetensors, ``torch.save``, ONNX). On any exception the
+    temporary file is removed and ``path`` is left as it was. The file gets the usual permissions
+    (0666 minus the umask), not ``mkstemp``'s 0600.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, _default_mode())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; rename it over ``path`` on success."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
