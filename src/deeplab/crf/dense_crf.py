@@ -282,6 +282,9 @@ class DenseCRF:
                 log_p = log_p.clamp_(self.clip, 1.0).log_()
                 q = _mean_field_inference(log_p, kernels, [float(x) for x in weights], self.iterations)
         q = q.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if work.device.type == "cpu":
+            del kernels, log_p
+            _release_free_heap()
         if not batched:
             q = q[0]
         if is_numpy:
@@ -293,11 +296,11 @@ _LIBC: list = []
 
 
 def _release_free_heap() -> None:
-    """Hand the lattice build's freed scratch (tens of MB) back to the OS (glibc only).
+    """Hand freed scratch (tens of MB) back to the OS (glibc only); called after the build and a call.
 
-    The build frees many 5-20 MB temporaries; glibc keeps them in its heap, where the
-    mean-field buffers of other sizes cannot always reuse them, which inflates the peak RSS by
-    ~60 MB (measured on a 500x375 image). ``malloc_trim`` only releases free memory.
+    The build and the iterations free many 5-20 MB temporaries of different sizes; glibc keeps
+    them in its heap, where later buffers cannot always reuse them, so the peak RSS grew by
+    60-150 MB over a few calls on a 500x375 image. ``malloc_trim`` only releases free memory.
     """
     if not _LIBC:
         try:

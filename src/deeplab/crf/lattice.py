@@ -194,7 +194,6 @@ class PermutohedralLattice:
         self.alpha = 1.0 / (1.0 + 2.0 ** (-d))
         with torch.no_grad():
             self._build(features.detach().reshape(b * n, d))
-        self._plain = LatticeFilter(self, None, None)
 
     def _build(self, features: Tensor) -> None:
         b, n, d = self.batch, self.num_points, self.dim
@@ -244,7 +243,9 @@ class PermutohedralLattice:
                 f"values {tuple(shape)} do not match the lattice's {self.batch} x {self.num_points} points: "
                 "pass (N, C), (B, N, C) or (B*N, C)"
             )
-        return self._plain(values.reshape(p, -1), reverse).reshape(shape)
+        # Built per call, not kept: a filter stored here would make a reference cycle
+        # (lattice <-> filter) that only the cyclic GC frees, holding tens of MB per lattice.
+        return LatticeFilter(self, None, None)(values.reshape(p, -1), reverse).reshape(shape)
 
 
 def _hash(rem0: Tensor, rank: Tensor, b: int, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

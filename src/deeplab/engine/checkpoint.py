@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from deeplab.fileio import atomic_path
+
 __all__ = [
     "CheckpointError",
     "atomic_write",
@@ -42,8 +44,6 @@ __all__ = [
     "save_training_checkpoint",
 ]
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 _NAME = re.compile(r"^iter_(\d+)\.pt$")
 
 
@@ -59,22 +59,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             temporary file removed.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # some writers create 0600 files; use the usual mode
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            write(tmp)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(
             f"could not write {path}: {e.strerror or e} (is the disk full?); "
             "the previous checkpoint is untouched"
         ) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

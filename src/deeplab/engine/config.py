@@ -392,11 +392,11 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the fully resolved config as YAML, atomically (temporary file + rename)."""
-    path = Path(path)
+    from deeplab.fileio import atomic_open
+
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_open(Path(path), "w") as f:
+        f.write(text)
 
 
 def resolve_data_root(root: str) -> Path:
