@@ -244,7 +244,13 @@ class DenseCRF:
             _release_free_heap()
         return kernels
 
-    def __call__(self, image: np.ndarray | Tensor, probs: np.ndarray | Tensor) -> np.ndarray | Tensor:
+    def __call__(
+        self,
+        image: np.ndarray | Tensor,
+        probs: np.ndarray | Tensor,
+        *,
+        kernels: Sequence[DenseKernel] | None = None,
+    ) -> np.ndarray | Tensor:
         """Refine softmax probabilities with the CRF.
 
         Args:
@@ -252,6 +258,9 @@ class DenseCRF:
             probs: probabilities (C, H, W) or (B, C, H, W), float16/32/64, numpy or torch; each
                 pixel's probabilities should sum to 1 (they are clipped to [clip, 1], then
                 the first mean-field step renormalises them).
+
+            kernels: ``self.kernels(image)`` built earlier, to refine several probability maps
+                of one image (e.g. other weights or iterations) without rebuilding the lattices.
 
         Returns:
             Refined probabilities of the same shape: numpy (float32) for numpy probs; a tensor of
@@ -262,7 +271,11 @@ class DenseCRF:
         out_dtype = p_t.dtype
         work = p_t if p_t.dtype in (torch.float32, torch.float64) else p_t.to(torch.float32)
         b, c, h, w = work.shape
-        kernels = self.kernels(img_t)
+        if kernels is None:
+            kernels = self.kernels(img_t)
+        elif len(kernels) != 2 or kernels[1].lattice.batch * kernels[1].lattice.num_points != b * h * w:
+            raise ValueError(f"kernels were not built for an image batch of shape {tuple(img_t.shape)}: "
+                             "pass crf.kernels(image) of this image")
         # log(clip(p)) in the (B*H*W, C) layout of the filters; in place when it is a copy.
         weights = [self.pos_w, self.bi_w]
         weights = [x.to(work.device, work.dtype) if isinstance(x, Tensor) else float(x) for x in weights]

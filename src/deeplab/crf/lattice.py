@@ -147,8 +147,8 @@ class LatticeFilter:
         v = F.embedding_bag(lat._splat_idx, x, lat._splat_off, mode="sum", per_sample_weights=splat_w)
         order = range(lat.dim, -1, -1) if reverse else range(lat.dim + 1)
         for j in order:
-            v = F.embedding_bag(lat._blur_idx[j], v, mode="sum", per_sample_weights=blur_w)
-        return F.embedding_bag(lat._slice_idx, v, mode="sum", per_sample_weights=slice_w)
+            v = F.embedding_bag(lat._blur_idx[j], v, lat._blur_off, mode="sum", per_sample_weights=blur_w)
+        return F.embedding_bag(lat._slice_idx, v, lat._slice_off, mode="sum", per_sample_weights=slice_w.reshape(-1))
 
     def __call__(self, values: Tensor, reverse: bool = False) -> Tensor:
         """Filter ``values`` of shape (P, C) with P = B*N, float32 or float64."""
@@ -208,7 +208,10 @@ class PermutohedralLattice:
         # embedding_bag takes int32 indices: half the memory and bandwidth of int64.
         idx_dtype = torch.int32 if max(p * d1, m) < 2**31 else torch.int64
         # Slice: point i gathers its d+1 vertices (a bag of d+1 per point).
-        self._slice_idx = inverse.reshape(p, d1).to(idx_dtype)
+        # Flat indices with precomputed bag offsets: a 2-D input makes embedding_bag build
+        # the offsets (an arange) on every call.
+        self._slice_idx = inverse.to(idx_dtype)
+        self._slice_off = torch.arange(0, p * d1, d1, dtype=idx_dtype, device=dev)
         self._slice_bary = bary
         # Splat (the transpose): vertex k gathers the points that touch it (sorted by vertex).
         self._splat_idx = torch.div(perm, d1, rounding_mode="floor").to(idx_dtype)
@@ -228,7 +231,9 @@ class PermutohedralLattice:
             [torch.cat([nb[:, 0], pad], 1), self_idx.expand(d1, m + 1), torch.cat([nb[:, 1], pad], 1)], 2
         )  # (d1, M+1, 3)
         # Materialised: embedding_bag would copy an expanded tensor on every call.
-        self._blur_w = torch.tensor([0.5, 1.0, 0.5], dtype=torch.float32, device=dev).repeat(m + 1, 1)
+        self._blur_idx = self._blur_idx.reshape(d1, 3 * (m + 1))
+        self._blur_off = torch.arange(0, 3 * (m + 1), 3, dtype=idx_dtype, device=dev)
+        self._blur_w = torch.tensor([0.5, 1.0, 0.5], dtype=torch.float32, device=dev).repeat(m + 1)
 
     def filter(self, values: Tensor, reverse: bool = False) -> Tensor:
         """Gaussian-filter ``values`` (``(N, C)``, ``(B, N, C)`` or ``(B*N, C)``; float32/64).
