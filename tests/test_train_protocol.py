@@ -11,7 +11,7 @@ from torch import nn
 
 from deeplab.engine.losses import msc_cross_entropy, resize_labels, valid_weight
 from deeplab.engine.lr_schedule import PolyLR, poly_lr
-from deeplab.engine.train import _StreamSampler, build_param_groups, median_frequency_weights
+from deeplab.engine.train import _StreamSampler, build_param_groups
 
 
 # ---- poly lr ----------------------------------------------------------------------------------
@@ -165,26 +165,6 @@ def test_global_normaliser_makes_split_batches_equal_one_batch():
     # whereas the mean of per-half means (Caffe's iter_size) is a different quantity here
     naive = sum(msc_cross_entropy(logits[i : i + 2], labels[i : i + 2]) for i in (0, 2)) / 2
     assert not math.isclose(float(naive.detach()), float(whole.detach()), rel_tol=1e-3)
-
-
-def test_median_frequency_weights_by_hand():
-    class DS:
-        def __init__(self):
-            import numpy as np
-
-            self.masks = [np.array([[0, 0, 1, 255]], np.uint8), np.array([[0, 2, 2, 2]], np.uint8)]
-
-        def __len__(self):
-            return 2
-
-        def __getitem__(self, i):
-            return None, self.masks[i]
-
-    # class 0: 3 px over images of 3 + 4 px; class 1: 1 px / 3; class 2: 3 px / 4
-    freq = [3 / 7, 1 / 3, 3 / 4]
-    med = sorted(freq)[1]
-    w = median_frequency_weights(DS(), 4)
-    assert w[:3] == pytest.approx([med / f for f in freq]) and w[3] == 0.0
 
 
 # ---- data order -------------------------------------------------------------------------------

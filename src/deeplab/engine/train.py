@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deeplab.data.balance import class_frequencies, median_frequency_weights
 from deeplab.engine import checkpoint as ckpt
 from deeplab.engine.config import TrainConfig, resolve_data_root, save_config
 from deeplab.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -50,7 +51,6 @@ __all__ = [
     "TrainingDiverged",
     "TrainingError",
     "build_param_groups",
-    "median_frequency_weights",
     "train",
     "train_step",
 ]
@@ -201,32 +201,6 @@ class _TrainSet(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_transforms"] = state["_generator"] = None
         return state
-
-
-def median_frequency_weights(dataset: Any, num_classes: int, ignore_index: int = 255) -> list[float]:
-    """Median frequency balancing (Eigen & Fergus 2015; SegNet's CamVid weights).
-
-    ``freq_c`` = pixels of class c / pixels of the images where c appears; ``w_c = median(freq) /
-    freq_c``. A class absent from every mask gets weight 0.
-
-    Args:
-        dataset: un-transformed data set (``ds[i]`` -> (image, mask)).
-        num_classes: number of classes.
-        ignore_index: label not counted.
-    """
-    counts = np.zeros(num_classes, dtype=np.float64)
-    image_pixels = np.zeros(num_classes, dtype=np.float64)
-    for i in range(len(dataset)):
-        _, mask = dataset[i]
-        m = np.asarray(mask).reshape(-1)
-        m = m[m != ignore_index].astype(np.int64)
-        c = np.bincount(m, minlength=num_classes)[:num_classes]
-        counts += c
-        image_pixels += (c > 0) * float(m.size)
-    present = counts > 0
-    freq = np.where(present, counts / np.maximum(image_pixels, 1.0), 0.0)
-    median = float(np.median(freq[present])) if present.any() else 1.0
-    return [float(median / f) if f > 0 else 0.0 for f in freq]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,7 +523,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                 weights_list = json.loads(cache.read_text())["weights"]
             else:
                 log("computing median-frequency class weights from the training masks ...")
-                weights_list = median_frequency_weights(train_ds, num_classes, d.ignore_index)
+                weights_list = median_frequency_weights(class_frequencies(train_ds)).tolist()
                 if main:
                     text = json.dumps({"weights": weights_list}, indent=1)
                     ckpt.atomic_write(cache, lambda p: p.write_text(text))
