@@ -235,11 +235,52 @@ def test_wide_keys_fallback_matches_packed(monkeypatch):
     torch.manual_seed(0)
     f = torch.rand(2, 200, 5) * 7
     v = torch.rand(400, 3)
-    packed = PermutohedralLattice(f)
+    packed = PermutohedralLattice(f, backend="torch")
     monkeypatch.setattr(lattice_mod, "_PACK_BITS", 4)
-    rows = PermutohedralLattice(f)
+    rows = PermutohedralLattice(f, backend="torch")
     assert rows.num_vertices == packed.num_vertices
     torch.testing.assert_close(rows.filter(v), packed.filter(v), atol=1e-5, rtol=1e-5)
+
+
+needs_numba = pytest.mark.skipif(not lattice_mod.lattice_compiled(), reason="numba is not installed")
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ["bilateral", "positional", "random-batch", "constant"])
+def test_compiled_lattice_equals_tensor_lattice(shared_data, kind, one_thread):
+    """The numba hash-table build and the tensor sort build make the same lattice.
+
+    Same vertex count and the same filter output (both blur orders, float32 and float64) up to
+    float rounding: the vertex numbering differs, so sums run in another order.
+    """
+    torch.manual_seed(0)
+    if kind == "bilateral":
+        image, _ = _toy_image(shared_data, "2008_005376")
+        features = bilateral_features(torch.from_numpy(image[:120, :160])[None], 30.0, 3.0)
+    elif kind == "positional":
+        features = gaussian_features(1, 90, 70, 1.0)
+    elif kind == "random-batch":
+        features = torch.randn(3, 400, 4) * 2
+    else:  # every point on one lattice point: the "same simplex as the previous pixel" path
+        features = torch.zeros(1, 50, 5)
+    compiled = PermutohedralLattice(features, backend="numba")
+    tensor = PermutohedralLattice(features, backend="torch")
+    assert compiled.compiled and not tensor.compiled
+    assert compiled.num_vertices == tensor.num_vertices
+    p = features.shape[0] * features.shape[1]
+    for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-6)]:
+        v = torch.rand(p, 3, dtype=dtype)
+        for reverse in (False, True):
+            a, b = compiled.filter(v, reverse=reverse), tensor.filter(v, reverse=reverse)
+            assert float((a - b).abs().max() / b.abs().max()) < tol, (kind, dtype, reverse)
+
+
+def test_lattice_backend_choice():
+    f = torch.rand(30, 2)
+    assert not PermutohedralLattice(f, backend="torch").compiled
+    assert PermutohedralLattice(f).compiled == lattice_mod.lattice_compiled()
+    with pytest.raises(ValueError, match="backend"):
+        PermutohedralLattice(f, backend="cuda")
 
 
 def test_batched_lattice_keeps_images_apart():

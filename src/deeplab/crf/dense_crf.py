@@ -10,13 +10,14 @@ Semantics are those of pydensecrf's ``DenseCRF2D`` with ``unary_from_softmax(pro
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from deeplab.crf.lattice import LatticeFilter, PermutohedralLattice
+from deeplab.crf.lattice import LatticeFilter, PermutohedralLattice, lattice_compiled
 
 __all__ = ["DenseCRF", "DenseKernel", "mean_field", "gaussian_features", "bilateral_features"]
 
@@ -234,15 +235,26 @@ class DenseCRF:
         b, h, w, _ = image.shape
         key = (h, w, float(self.pos_xy_std), image.device)
         cached = self._pos_cache.get(key) if self.cache_positional else None
+        bilateral = bilateral_features(image, self.bi_xy_std, self.bi_rgb_std)
         if cached is None:
-            cached = DenseKernel(gaussian_features(1, h, w, self.pos_xy_std, device=image.device))
+            positional = gaussian_features(1, h, w, self.pos_xy_std, device=image.device)
+            side = _side_thread() if image.device.type == "cpu" and lattice_compiled() else None
+            if side is not None:
+                # The compiled builds release the GIL: the two lattices are built on two cores.
+                future = side.submit(DenseKernel, positional)
+                bi_kernel = DenseKernel(bilateral)
+                cached = future.result()
+                # The side thread's scratch sits in its own malloc arena, which the main
+                # thread's iteration buffers cannot reuse: give it back.
+                _release_free_heap()
+            else:
+                cached, bi_kernel = DenseKernel(positional), DenseKernel(bilateral)
             if self.cache_positional:
                 self._pos_cache.clear()
                 self._pos_cache[key] = cached
-        kernels = [cached, DenseKernel(bilateral_features(image, self.bi_xy_std, self.bi_rgb_std))]
-        if image.device.type == "cpu":
-            _release_free_heap()
-        return kernels
+        else:
+            bi_kernel = DenseKernel(bilateral)
+        return [cached, bi_kernel]
 
     def __call__(
         self,
@@ -303,6 +315,20 @@ class DenseCRF:
         if is_numpy:
             return q.detach().cpu().numpy().astype(np.float32, copy=False)
         return q.to(out_dtype).contiguous()
+
+
+_SIDE: list = []
+
+
+def _side_thread() -> ThreadPoolExecutor | None:
+    """A second thread for the CPU lattice builds (None when torch may use a single thread)."""
+    if torch.get_num_threads() < 2:
+        return None
+    if not _SIDE:
+        # One torch thread inside it: the main thread's OpenMP team keeps the other core.
+        _SIDE.append(ThreadPoolExecutor(1, thread_name_prefix="deeplab-crf", initializer=torch.set_num_threads,
+                                        initargs=(1,)))
+    return _SIDE[0]
 
 
 _LIBC: list = []

@@ -25,24 +25,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LatticeFilter", "PermutohedralLattice"]
+from deeplab.crf import _cpu_lattice
+
+__all__ = ["LatticeFilter", "PermutohedralLattice", "lattice_compiled"]
+
+
+def lattice_compiled() -> bool:
+    """Whether CPU lattices are built by the compiled (numba) code rather than tensor ops."""
+    return _cpu_lattice.AVAILABLE
 
 # Keys are packed into one int64 per lattice point; one bit is kept free for the sign.
 _PACK_BITS = 62
+
+
+def _elevation_scale(d: int) -> Tensor:
+    """The (d,) float32 per-coordinate scale of the elevation, as permutohedral.cpp rounds it."""
+    # Expected standard deviation of the filter (p.6 in Adams et al.). Rounded exactly as
+    # permutohedral.cpp does (a float, then double arithmetic stored as float), so that points
+    # near a simplex boundary fall on the same side as in pydensecrf.
+    inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
+    return torch.tensor([1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev for i in range(d)], dtype=torch.float32)
 
 
 def _elevate(features: Tensor) -> Tensor:
     """Project (P, d) features onto the plane ``sum = 0`` of R^{d+1}, scaled (Adams et al., p.5)."""
     p, d = features.shape
     dev = features.device
-    # Expected standard deviation of the filter (p.6 in Adams et al.). Rounded exactly as
-    # permutohedral.cpp does (a float, then double arithmetic stored as float), so that points
-    # near a simplex boundary fall on the same side as in pydensecrf.
-    inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
-    scale = torch.tensor(
-        [1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev for i in range(d)], dtype=torch.float32, device=dev
-    )
-    cf = features.to(torch.float32) * scale
+    cf = features.to(torch.float32) * _elevation_scale(d).to(dev)
     # suffix[:, j] = cf[:, j] + ... + cf[:, d-1], summed from the end like the C++ loop.
     suffix = torch.flip(torch.cumsum(torch.flip(cf, (1,)), 1), (1,))
     elevated = torch.empty(p, d + 1, dtype=torch.float32, device=dev)
@@ -176,7 +185,9 @@ class PermutohedralLattice:
     Attributes: ``num_vertices`` (M, lattice points in use), ``batch``, ``num_points``, ``dim``.
     """
 
-    def __init__(self, features: Tensor) -> None:
+    def __init__(self, features: Tensor, backend: str = "auto") -> None:
+        if backend not in ("auto", "torch", "numba"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
         if features.dim() == 2:
             features = features[None]
         if features.dim() != 3 or not features.is_floating_point():
@@ -192,8 +203,35 @@ class PermutohedralLattice:
         self.device = features.device
         # The slice constant of permutohedral.cpp ("Alpha is a magic scaling constant").
         self.alpha = 1.0 / (1.0 + 2.0 ** (-d))
+        on_cpu = features.device.type == "cpu"
+        if backend == "numba" and not (on_cpu and _cpu_lattice.AVAILABLE):
+            raise RuntimeError("the numba lattice needs numba installed (pip install numba) and CPU features")
+        # The compiled build on the CPU; tensor ops elsewhere (CUDA), without numba or for huge keys.
+        # The compiled build keeps keys in int32: |elevated| < 2 (d + 1)^2 max|feature|.
+        fits = on_cpu and float(features.abs().max()) * 2 * (d + 1) ** 2 < 2**30
+        self.compiled = backend != "torch" and fits and _cpu_lattice.AVAILABLE
         with torch.no_grad():
-            self._build(features.detach().reshape(b * n, d))
+            if self.compiled:
+                self._build_compiled(features.detach().reshape(b * n, d))
+            else:
+                self._build(features.detach().reshape(b * n, d))
+
+    def _build_compiled(self, features: Tensor) -> None:
+        d1 = self.dim + 1
+        feats = features.to(torch.float32).contiguous().numpy()
+        slice_idx, bary, splat_src, splat_w, splat_off, blur_idx = _cpu_lattice.build(
+            feats, self.batch, _elevation_scale(self.dim).numpy())
+        m = blur_idx.shape[1] // 3 - 1
+        self.num_vertices = m
+        self._slice_idx = torch.from_numpy(slice_idx)
+        self._slice_off = torch.arange(0, slice_idx.shape[0], d1, dtype=torch.int32)
+        self._slice_bary = torch.from_numpy(bary)
+        self._splat_idx = torch.from_numpy(splat_src)
+        self._splat_bary = torch.from_numpy(splat_w)
+        self._splat_off = torch.from_numpy(splat_off)
+        self._blur_idx = torch.from_numpy(blur_idx)
+        self._blur_off = torch.arange(0, 3 * (m + 1), 3, dtype=torch.int32)
+        self._blur_w = torch.tensor([0.5, 1.0, 0.5], dtype=torch.float32).repeat(m + 1)
 
     def _build(self, features: Tensor) -> None:
         b, n, d = self.batch, self.num_points, self.dim

@@ -117,6 +117,9 @@ class SolverConfig:
             global batch is ``batch_size * iter_size * world_size``.
         bias_lr_mult: backbone biases' lr multiplier (Caffe ``lr_mult: 2``, no decay).
         classifier_lr_mult / classifier_bias_lr_mult: the classifier's weights (10) and biases (20).
+        loss_resolution: ``"logits"`` (the paper: labels shrunk to the stride-8 logits by nearest
+            neighbour) or ``"labels"`` (not in the paper: logits upsampled bilinearly to the
+            labels' size), which keeps thin objects such as poles in the loss.
     """
 
     base_lr: float = 2.5e-4
@@ -130,6 +133,7 @@ class SolverConfig:
     bias_lr_mult: float = 2.0
     classifier_lr_mult: float = 10.0
     classifier_bias_lr_mult: float = 20.0
+    loss_resolution: str = "logits"
 
 
 @dataclass
@@ -282,6 +286,8 @@ def _validate(cfg: TrainConfig) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    if s.loss_resolution not in ("logits", "labels"):
+        raise ConfigError(f"solver.loss_resolution must be 'logits' or 'labels', got {s.loss_resolution!r}")
     if cfg.keep_checkpoints < 1:
         raise ConfigError(f"keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     crop = [d.crop_size] * 2 if isinstance(d.crop_size, int) else d.crop_size

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from deeplab.data.balance import class_frequencies, median_frequency_weights
 from deeplab.engine import checkpoint as ckpt
@@ -347,6 +348,7 @@ def train_step(
     precision: str = "bf16",
     ignore_index: int = 255,
     class_weights: torch.Tensor | None = None,
+    loss_resolution: str = "logits",
     step: bool = True,
 ) -> torch.Tensor:
     """One optimiser step over ``iter_size`` micro-batches (gradient accumulation), DDP-aware.
@@ -364,6 +366,8 @@ def train_step(
         precision: ``"bf16"`` (autocast on the images' device; the loss in fp32) or ``"fp32"``.
         ignore_index: label that does not count.
         class_weights: optional (C,) class weights on the device.
+        loss_resolution: ``"logits"`` (the paper: labels shrunk to each logits map) or
+            ``"labels"`` (each logits map upsampled bilinearly to the labels' size first).
         step: call ``optimizer.step()`` at the end (the trainer checks the loss first).
 
     Returns:
@@ -384,6 +388,9 @@ def train_step(
             with autocast:
                 outputs = model(images)
             maps = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+            if loss_resolution == "labels":
+                maps = [F.interpolate(o.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+                        for o in maps]
             if normalizers is None:
                 # The valid pixels of the whole global batch at each logits' size.
                 sizes = [tuple(o.shape[-2:]) for o in maps]
@@ -667,7 +674,8 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
             micro = [(img.to(device, non_blocking=True).contiguous(memory_format=memory_format),
                       lab.to(device, non_blocking=True)) for img, lab in micro]
             loss_sum = train_step(model, optimizer, micro, precision=cfg.precision,
-                                  ignore_index=d.ignore_index, class_weights=weight, step=False)
+                                  ignore_index=d.ignore_index, class_weights=weight,
+                                  loss_resolution=s.loss_resolution, step=False)
             loss_value = float(loss_sum)
             if not math.isfinite(loss_value):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
