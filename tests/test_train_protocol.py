@@ -11,7 +11,7 @@ from torch import nn
 
 from deeplab.engine.losses import msc_cross_entropy, resize_labels, valid_weight
 from deeplab.engine.lr_schedule import PolyLR, poly_lr
-from deeplab.engine.train import _StreamSampler, build_param_groups
+from deeplab.engine.train import _StreamSampler, build_param_groups, train_step
 
 
 # ---- poly lr ----------------------------------------------------------------------------------
@@ -165,6 +165,33 @@ def test_global_normaliser_makes_split_batches_equal_one_batch():
     # whereas the mean of per-half means (Caffe's iter_size) is a different quantity here
     naive = sum(msc_cross_entropy(logits[i : i + 2], labels[i : i + 2]) for i in (0, 2)) / 2
     assert not math.isclose(float(naive.detach()), float(whole.detach()), rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("resolution", ["logits", "labels"])
+def test_train_step_loss_resolution(resolution):
+    """``logits``: labels shrunk to the logits (the paper); ``labels``: logits upsampled bilinearly."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+    images = torch.randn(2, 3, 16, 16)
+    labels = torch.randint(0, 4, (2, 16, 16))
+    labels[0, :3] = 255  # a thin ignored strip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss = train_step(model, optimizer, [(images, labels)], precision="fp32", loss_resolution=resolution)
+    logits = model(images)
+    if resolution == "labels":
+        logits = F.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False)
+        want = F.cross_entropy(logits, labels, ignore_index=255)
+    else:
+        want = F.cross_entropy(logits, resize_labels(labels, (4, 4)), ignore_index=255)
+    assert math.isclose(float(loss), float(want), rel_tol=1e-5)
+
+
+def test_loss_resolution_is_validated():
+    from deeplab.engine.config import ConfigError, parse_config
+
+    assert parse_config({}, ["solver.loss_resolution=labels"]).solver.loss_resolution == "labels"
+    with pytest.raises(ConfigError, match="loss_resolution"):
+        parse_config({}, ["solver.loss_resolution=pixels"])
 
 
 # ---- data order -------------------------------------------------------------------------------
