@@ -151,7 +151,7 @@ REAL_CASES = {
 
 @pytest.mark.parametrize("name", list(DESIGN_PARAMS))
 def test_matches_pydensecrf_on_real_images(shared_data, camvid_root, name):
-    """>= 99.9 % label agreement with pydensecrf2 (measured: 100 %, Q within 1e-5)."""
+    """>= 99.9 % label agreement with pydensecrf2, float32 and float16 lattices (measured: 100 %)."""
     source, image_id = REAL_CASES[name]
     if source == "voc":
         image, mask = _toy_image(shared_data, image_id)
@@ -162,14 +162,18 @@ def test_matches_pydensecrf_on_real_images(shared_data, camvid_root, name):
         probs = _stride8_probs(mask, 12, seed=1)
     params = DESIGN_PARAMS[name]
     bi_w, bi_xy, bi_rgb, pos_w, pos_xy = params
-    crf = DenseCRF(bi_w=bi_w, bi_xy_std=bi_xy, bi_rgb_std=bi_rgb, pos_w=pos_w, pos_xy_std=pos_xy)
     ref = _pydensecrf(image, probs, params)
-    ours = crf(image, probs)
-    agreement = float((ours.argmax(0) == ref.argmax(0)).mean())
     changed = float((ref.argmax(0) != probs.argmax(0)).mean())
-    assert agreement >= 0.999, (name, agreement)
     assert changed > 0.005, "the CRF should change some labels for the comparison to mean anything"
-    assert np.abs(ours - ref).max() < 1e-3
+    # float32 lattices: Q to float rounding (measured <= 7e-6); float16 lattices (the default):
+    # measured max |dQ| 2e-3 - 1.6e-2 and 99.998-100 % of labels.
+    for fp16, q_tol in [(False, 1e-3), (True, 3e-2)]:
+        crf = DenseCRF(bi_w=bi_w, bi_xy_std=bi_xy, bi_rgb_std=bi_rgb, pos_w=pos_w, pos_xy_std=pos_xy,
+                       lattice_fp16=fp16)
+        ours = crf(image, probs)
+        agreement = float((ours.argmax(0) == ref.argmax(0)).mean())
+        assert agreement >= 0.999, (name, fp16, agreement)
+        assert np.abs(ours - ref).max() < q_tol, (name, fp16)
 
 
 def test_matches_pydensecrf_per_iteration_count(shared_data):
@@ -179,8 +183,11 @@ def test_matches_pydensecrf_per_iteration_count(shared_data):
     probs = _stride8_probs(mask, 21, seed=3)
     for iterations in (0, 1, 3):
         ref = _pydensecrf(image, probs, DESIGN_PARAMS["kazuto1011"], iterations)
-        ours = DenseCRF(iterations=iterations)(image, probs)
+        ours = DenseCRF(iterations=iterations, lattice_fp16=False)(image, probs)
         assert np.abs(ours - ref).max() < 1e-4, iterations
+        # The float16 lattice (the default) rounds the filtered values: ~1e-3 in Q.
+        fast = DenseCRF(iterations=iterations)(image, probs)
+        assert np.abs(fast - ref).max() < 5e-3, iterations
 
 
 # --------------------------------------------------------------------------- properties

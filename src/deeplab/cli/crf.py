@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pos-xy-std", type=float, default=1.0, help="smoothness spatial std (sigma_gamma, pixels)")
     parser.add_argument("--iterations", type=int, default=10, help="mean-field iterations")
     parser.add_argument("--clip", type=float, default=1e-5, help="probabilities are clipped to [clip, 1] before -log")
+    parser.add_argument("--fp32-lattice", action="store_true",
+                        help="filter in float32 throughout (Q within ~1e-5 of pydensecrf's; the float16 "
+                             "default is ~1.4x faster in the iterations, same labels to 99.99 %%)")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes (default: the number of cores; 1: in this process, all threads)")
     parser.add_argument("--device", default="cpu",
@@ -88,6 +91,7 @@ def _crf_kwargs(args: argparse.Namespace) -> dict:
         "pos_xy_std": args.pos_xy_std,
         "iterations": args.iterations,
         "clip": args.clip,
+        "lattice_fp16": not args.fp32_lattice,
     }
 
 

@@ -55,16 +55,19 @@ class DenseKernel:
             B = 1 the kernel also filters a batch of values of that image size (the positional
             kernel of same-size images is the same for all of them).
 
+        fp16: filter float32 ``q`` through a float16 lattice (see ``LatticeFilter``).
+
     ``apply(q)`` returns ``norm * K (norm * q)`` with ``norm = 1 / sqrt(K 1)``
     (``NORMALIZE_SYMMETRIC``); ``K`` includes the point itself, as pydensecrf's does.
     """
 
-    def __init__(self, features: Tensor) -> None:
+    def __init__(self, features: Tensor, fp16: bool = False) -> None:
         self.lattice = PermutohedralLattice(features)
         lat = self.lattice
         ones = torch.ones(lat.batch * lat.num_points, 1, dtype=torch.float32, device=features.device)
+        # The normalisation is computed once, at full precision; fp16 is for the iterations.
         self.norm = 1.0 / torch.sqrt(lat.filter(ones) + 1e-20)  # (B*N, 1)
-        self._filter = LatticeFilter(lat, self.norm, self.norm)
+        self._filter = LatticeFilter(lat, self.norm, self.norm, fp16)
         self._row_bound: Tensor | None = None
 
     def row_bound(self) -> Tensor:
@@ -194,6 +197,10 @@ class DenseCRF:
             ``unary_from_softmax``).
         cache_positional: keep the last smoothness-kernel lattice (it depends only on the
             image size) for the next call with the same size.
+        lattice_fp16: float32 probabilities pass through the lattice filters as float16 in the
+            mean-field iterations (sums stay float32): ~1.4x faster iterations; Q moves by
+            ~1e-3 and labels agreed 100 % with pydensecrf's on the test images. ``False`` keeps
+            every step in float32 (Q within ~1e-5 of pydensecrf's). float64 is never rounded.
 
     Defaults are kazuto1011/deeplab-pytorch's; see the README for the paper's and the official
     release's values.
@@ -207,6 +214,7 @@ class DenseCRF:
     iterations: int = 10
     clip: float = 1e-5
     cache_positional: bool = True
+    lattice_fp16: bool = True
     _pos_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -233,7 +241,7 @@ class DenseCRF:
         batch, and the last one is kept for the next call of the same size.
         """
         b, h, w, _ = image.shape
-        key = (h, w, float(self.pos_xy_std), image.device)
+        key = (h, w, float(self.pos_xy_std), image.device, self.lattice_fp16)
         cached = self._pos_cache.get(key) if self.cache_positional else None
         bilateral = bilateral_features(image, self.bi_xy_std, self.bi_rgb_std)
         if cached is None:
@@ -241,19 +249,20 @@ class DenseCRF:
             side = _side_thread() if image.device.type == "cpu" and lattice_compiled() else None
             if side is not None:
                 # The compiled builds release the GIL: the two lattices are built on two cores.
-                future = side.submit(DenseKernel, positional)
-                bi_kernel = DenseKernel(bilateral)
+                future = side.submit(DenseKernel, positional, self.lattice_fp16)
+                bi_kernel = DenseKernel(bilateral, self.lattice_fp16)
                 cached = future.result()
                 # The side thread's scratch sits in its own malloc arena, which the main
                 # thread's iteration buffers cannot reuse: give it back.
                 _release_free_heap()
             else:
-                cached, bi_kernel = DenseKernel(positional), DenseKernel(bilateral)
+                cached = DenseKernel(positional, self.lattice_fp16)
+                bi_kernel = DenseKernel(bilateral, self.lattice_fp16)
             if self.cache_positional:
                 self._pos_cache.clear()
                 self._pos_cache[key] = cached
         else:
-            bi_kernel = DenseKernel(bilateral)
+            bi_kernel = DenseKernel(bilateral, self.lattice_fp16)
         return [cached, bi_kernel]
 
     def __call__(

@@ -298,12 +298,13 @@ def crf_grid_search(
         img = torch.from_numpy(np.ascontiguousarray(image)).to(device)[None]
         # Same unary as DenseCRF.__call__: -log of the clipped probabilities.
         unary = -torch.log(p.clamp(clip, 1.0)).permute(1, 2, 0).reshape(h * w_, c)
-        smooth = DenseKernel(gaussian_features(1, h, w_, pos_xy_std, device=p.device))
+        # fp16 lattices, as DenseCRF's default, so the search scores what `eval --crf` runs.
+        smooth = DenseKernel(gaussian_features(1, h, w_, pos_xy_std, device=p.device), fp16=True)
         for xy, rgb in pairs:
             todo = [wt for wt in bi_w if (wt, xy, rgb) in cms]
             if not todo:
                 continue
-            bilateral = DenseKernel(bilateral_features(img, xy, rgb))
+            bilateral = DenseKernel(bilateral_features(img, xy, rgb), fp16=True)
             for wt in todo:
                 q = mean_field(unary, [smooth, bilateral], [pos_w, wt], iterations)
                 cms[(wt, xy, rgb)].update(q.argmax(1).reshape(h, w_).cpu(), mask)
