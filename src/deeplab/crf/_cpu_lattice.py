@@ -41,9 +41,10 @@ if numba is not None:
         bary = np.empty((n, d1), np.float32)
         down_factor = np.float32(1.0) / np.float32(d1)
         up_factor = np.float32(d1)
+        elevated = np.empty(d1, np.float32)
+        b = np.empty(d1 + 1, np.float32)
         for p in range(n):
-            elevated = np.empty(d1, np.float32)
-            b = np.zeros(d1 + 1, np.float32)
+            b[:] = 0.0
             # Elevate onto the plane sum = 0 (Adams et al. p.5), in float32 like the C++ code.
             sm = np.float32(0.0)
             for j in range(d, 0, -1):
@@ -91,43 +92,50 @@ if numba is not None:
         return rem0, rank, bary
 
     @_jit
-    def _hash_key(key, d, mask):  # pragma: no cover - compiled
+    def _hash(key, mul):  # pragma: no cover - compiled
+        """A linear hash ``sum_k key_k mul_k`` (mod 2^64): a neighbour's hash is one addition away."""
         h = np.uint64(0)
-        for k in range(d):
-            h = (h + np.uint64(np.int64(key[k]) & 0xFFFFFFFF)) * np.uint64(2531011)
-        return np.int64(h & np.uint64(mask))
+        for k in range(key.shape[0]):
+            h += np.uint64(np.int64(key[k])) * mul[k]
+        return h
 
     @_jit
-    def _find(table, keys, key, d, mask):  # pragma: no cover - compiled
-        """Index of ``key`` in ``keys`` via the open-addressing ``table``, or -1."""
-        slot = _hash_key(key, d, mask)
+    def _probe(table, keys, key, h, shift, mask):  # pragma: no cover - compiled
+        """``(index of key in keys, its slot)``, or ``(-1, the empty slot where it belongs)``."""
+        slot = np.int64(h >> shift)
+        d = key.shape[0]
         while True:
             k = table[slot]
             if k < 0:
-                return -1
+                return -1, slot
             same = True
             for c in range(d):
                 if keys[k, c] != key[c]:
                     same = False
                     break
             if same:
-                return k
+                return k, slot
             slot = (slot + 1) & mask
 
     @_jit
-    def _insert_all(rem0, rank):  # pragma: no cover - compiled
-        """Insert every simplex vertex; returns (vertex of each (point, r), keys[:M], table)."""
+    def _insert_all(rem0, rank, mul):  # pragma: no cover - compiled
+        """Insert every simplex vertex; returns (vertex of each (point, r), keys[:M], table, bits).
+
+        Open addressing with linear probing on the top ``bits`` bits of the hash, the table kept
+        at most half full (doubled and refilled when it would not be).
+        """
         n, d1 = rem0.shape
         d = d1 - 1
-        cap = 1024
-        while cap < 2 * n:
-            cap *= 2
-        mask = cap - 1
-        table = np.full(cap, -1, np.int32)
-        keys = np.empty((max(n, 16), max(d, 1)), np.int32)
+        bits = 10
+        while (1 << bits) < 2 * n:
+            bits += 1
+        shift = np.uint64(64 - bits)
+        mask = (1 << bits) - 1
+        table = np.full(1 << bits, -1, np.int32)
+        keys = np.empty((max(n, 16), d), np.int32)
         m = 0
         offset = np.empty(n * d1, np.int32)
-        key = np.empty(max(d, 1), np.int32)
+        key = np.empty(d, np.int32)
         for p in range(n):
             if p > 0:
                 # Neighbouring pixels often share a simplex: then its vertices are known already.
@@ -143,42 +151,31 @@ if numba is not None:
             for r in range(d1):
                 for i in range(d):
                     key[i] = rem0[p, i] + r - (d1 if rank[p, i] > d - r else 0)
-                slot = _hash_key(key, d, mask)
-                while True:
-                    k = table[slot]
-                    if k < 0:
-                        # New vertex: grow the key store / the table (load <= 1/2) when needed.
-                        if m == keys.shape[0]:
-                            grown = np.empty((2 * m, keys.shape[1]), np.int32)
-                            grown[:m] = keys
-                            keys = grown
-                        keys[m, :d] = key[:d]
-                        table[slot] = m
-                        k = m
-                        m += 1
-                        if 2 * m > cap:
-                            cap *= 2
-                            mask = cap - 1
-                            table = np.full(cap, -1, np.int32)
-                            for q in range(m):
-                                s = _hash_key(keys[q], d, mask)
-                                while table[s] >= 0:
-                                    s = (s + 1) & mask
-                                table[s] = q
-                        break
-                    same = True
-                    for c in range(d):
-                        if keys[k, c] != key[c]:
-                            same = False
-                            break
-                    if same:
-                        break
-                    slot = (slot + 1) & mask
+                k, slot = _probe(table, keys, key, _hash(key, mul), shift, mask)
+                if k < 0:
+                    if m == keys.shape[0]:
+                        grown = np.empty((2 * m, d), np.int32)
+                        grown[:m] = keys
+                        keys = grown
+                    keys[m] = key
+                    k = m
+                    m += 1
+                    table[slot] = k
+                    if 2 * m > (1 << bits):
+                        bits += 1
+                        shift = np.uint64(64 - bits)
+                        mask = (1 << bits) - 1
+                        table = np.full(1 << bits, -1, np.int32)
+                        for q in range(m):
+                            slot = np.int64(_hash(keys[q], mul) >> shift)
+                            while table[slot] >= 0:
+                                slot = (slot + 1) & mask
+                            table[slot] = q
                 offset[p * d1 + r] = k
-        return offset, keys[:m], table
+        return offset, keys[:m], table, bits
 
     @_jit
-    def _blur_bags(keys, table, base, zero_row, bags):  # pragma: no cover - compiled
+    def _blur_bags(keys, table, bits, mul, base, zero_row, bags):  # pragma: no cover - compiled
         """Fill the blur bags ``(n1, self, n2)`` of this image's vertices along each direction j.
 
         n1 is the key - 1 with +d on coordinate j (j = d: all -1), as rows of the whole batch's
@@ -187,21 +184,30 @@ if numba is not None:
         """
         m = keys.shape[0]
         d = keys.shape[1]
-        mask = table.shape[0] - 1
+        shift = np.uint64(64 - bits)
+        mask = (1 << bits) - 1
         for j in range(d + 1):
             for i in range(m):
                 row = 3 * (base + i)
                 bags[j, row + 1] = base + i
                 bags[j, row + 2] = zero_row
+        total = np.uint64(0)
+        for k in range(d):
+            total += mul[k]
         a = np.empty(d, np.int32)
         for i in range(m):
             row = 3 * (base + i)
+            h = _hash(keys[i], mul) - total  # the hash of key - 1
+            for k in range(d):
+                a[k] = keys[i, k] - 1
             for j in range(d + 1):
-                for k in range(d):
-                    a[k] = keys[i, k] - 1
+                hj = h
                 if j < d:
-                    a[j] = keys[i, j] + d
-                f1 = _find(table, keys, a, d, mask)
+                    a[j] += d + 1
+                    hj += np.uint64(d + 1) * mul[j]
+                f1 = _probe(table, keys, a, hj, shift, mask)[0]
+                if j < d:
+                    a[j] -= d + 1
                 if f1 >= 0:
                     bags[j, row] = base + f1
                     bags[j, 3 * (base + f1) + 2] = base + i
@@ -231,6 +237,17 @@ if numba is not None:
         return src, weight, counts
 
 
+def _multipliers(d: int) -> np.ndarray:
+    """d odd 64-bit constants for the linear key hash (splitmix64's sequence)."""
+    out, x = [], 0
+    for _ in range(d):
+        x = (x + 0x9E3779B97F4A7C15) & (2**64 - 1)
+        z = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+        out.append((z ^ (z >> 31)) | 1)
+    return np.array(out, dtype=np.uint64)
+
+
 def build(features: np.ndarray, batch: int, scale: np.ndarray):
     """Build the lattice of ``batch`` images' (B*N, d) float32 features on the CPU.
 
@@ -243,16 +260,17 @@ def build(features: np.ndarray, batch: int, scale: np.ndarray):
     p, d = features.shape
     n = p // batch
     rem0, rank, bary = _simplices(features, scale)
-    parts = [_insert_all(rem0[b * n:(b + 1) * n], rank[b * n:(b + 1) * n]) for b in range(batch)]
+    mul = _multipliers(d)
+    parts = [_insert_all(rem0[b * n:(b + 1) * n], rank[b * n:(b + 1) * n], mul) for b in range(batch)]
     del rem0, rank
-    m = sum(keys.shape[0] for _, keys, _ in parts)
+    m = sum(keys.shape[0] for _, keys, _, _ in parts)
     slice_idx = np.empty(p * (d + 1), np.int32)
     blur_idx = np.empty((d + 1, 3 * (m + 1)), np.int32)
     blur_idx[:, 3 * m:] = m  # the zero row's own bag keeps it zero
     base = 0
-    for b, (offset, keys, table) in enumerate(parts):
+    for b, (offset, keys, table, bits) in enumerate(parts):
         slice_idx[b * n * (d + 1):(b + 1) * n * (d + 1)] = offset + base
-        _blur_bags(keys, table, base, m, blur_idx)
+        _blur_bags(keys, table, bits, mul, base, m, blur_idx)
         base += keys.shape[0]
     del parts
     splat_src, splat_w, splat_off = _by_vertex(slice_idx, bary, m)
