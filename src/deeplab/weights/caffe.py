@@ -177,52 +177,60 @@ def _parse_shape(buf: memoryview, span: tuple[int, int]) -> list[int]:
     return dims
 
 
+class _Values:
+    """The values of one repeated float field (``data`` float32 or ``double_data`` float64).
+
+    Packed runs and single (non-packed) elements may interleave; file order is kept.
+    """
+
+    def __init__(self, dtype: str, fmt: str, name: str) -> None:
+        self.dtype, self.fmt, self.name = np.dtype(dtype), fmt, name
+        self.chunks: list[np.ndarray] = []
+        self.singles: list[float] = []
+
+    def add(self, buf: memoryview, wire: int, value, packed_wire: int, single_wire: int) -> None:
+        if wire == packed_wire:
+            a, b = value
+            if (b - a) % self.dtype.itemsize:
+                raise CaffeModelError(f"packed {self.name} data length is not a multiple of {self.dtype.itemsize}")
+            self._flush()
+            self.chunks.append(np.frombuffer(buf[a:b], dtype=self.dtype))
+        elif wire == single_wire:
+            self.singles.append(struct.unpack_from(self.fmt, buf, value[0])[0])
+
+    def _flush(self) -> None:
+        if self.singles:
+            self.chunks.append(np.asarray(self.singles, dtype=self.dtype))
+            self.singles = []
+
+    def array(self) -> np.ndarray | None:
+        """All values as a float32 copy (never a view of the mapped file), or None if absent."""
+        self._flush()
+        if not self.chunks:
+            return None
+        return np.concatenate(self.chunks).astype(np.float32)
+
+
 def _parse_blob(buf: memoryview, span: tuple[int, int]) -> np.ndarray:
     shape: list[int] | None = None
     legacy = [0, 0, 0, 0]
     has_legacy = False
-    chunks: list[np.ndarray] = []  # packed runs, in file order
-    singles: list[float] = []  # non-packed elements (one field each)
-    dchunks: list[np.ndarray] = []
-    dsingles: list[float] = []
+    floats = _Values("<f4", "<f", "float")
+    doubles = _Values("<f8", "<d", "double")
     for number, wire, value in _fields(buf, *span):
         if number == _BLOB_DATA:
-            if wire == _WT_LEN:
-                a, b = value
-                if (b - a) % 4:
-                    raise CaffeModelError("packed float data length is not a multiple of 4")
-                if singles:
-                    chunks.append(np.asarray(singles, dtype=np.float32))
-                    singles = []
-                chunks.append(np.frombuffer(buf[a:b], dtype="<f4"))
-            elif wire == _WT_I32:
-                singles.append(struct.unpack_from("<f", buf, value[0])[0])
+            floats.add(buf, wire, value, _WT_LEN, _WT_I32)
         elif number == _BLOB_DOUBLE_DATA:
-            if wire == _WT_LEN:
-                a, b = value
-                if (b - a) % 8:
-                    raise CaffeModelError("packed double data length is not a multiple of 8")
-                if dsingles:
-                    dchunks.append(np.asarray(dsingles, dtype=np.float64))
-                    dsingles = []
-                dchunks.append(np.frombuffer(buf[a:b], dtype="<f8"))
-            elif wire == _WT_I64:
-                dsingles.append(struct.unpack_from("<d", buf, value[0])[0])
+            doubles.add(buf, wire, value, _WT_LEN, _WT_I64)
         elif number == _BLOB_SHAPE and wire == _WT_LEN:
             shape = _parse_shape(buf, value)
         elif number in (_BLOB_NUM, _BLOB_CHANNELS, _BLOB_HEIGHT, _BLOB_WIDTH) and wire == _WT_VARINT:
             legacy[number - 1] = _signed64(value)
             has_legacy = True
-    if singles:
-        chunks.append(np.asarray(singles, dtype=np.float32))
-    if dsingles:
-        dchunks.append(np.asarray(dsingles, dtype=np.float64))
-    # Both branches copy out of the memory-mapped file, so no view outlives the mapping.
-    if chunks:
-        data = np.array(chunks[0], dtype=np.float32) if len(chunks) == 1 else np.concatenate(chunks)
-    elif dchunks:
-        data = np.concatenate(dchunks).astype(np.float32)
-    else:
+    data = floats.array()
+    if data is None:
+        data = doubles.array()
+    if data is None:
         data = np.zeros(0, dtype=np.float32)
     if shape is None:
         # Caffe's legacy 4-D shape; an absent field reads as 0 in proto2 but means "no such
