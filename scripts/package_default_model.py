@@ -16,32 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 
-from deeplab.weights import read_metadata, save_state_dict
+from deeplab.weights import half_state_dict, read_metadata, save_state_dict
 from deeplab.weights.loading import read_state_dict
 
 DEFAULT_DST = Path(__file__).resolve().parents[1] / "src/deeplab/assets/deeplab_v2_camvid.safetensors"
-
-
-_FP16_MAX = 65504.0
-
-
-def _shrink(key: str, value: torch.Tensor) -> torch.Tensor:
-    """float16 for the weights; BN statistics stay float32.
-
-    Caffe-mode inputs are unscaled (BGR minus the mean, values up to ~150), so the stem's BN
-    running variance of a model trained from scratch reaches ~4e7, far beyond float16's 65504:
-    cast, it would become inf and silently ruin the model. The statistics are a few KB.
-    """
-    if not value.is_floating_point() or key.endswith(("running_mean", "running_var")):
-        return value
-    if value.abs().max() >= _FP16_MAX:
-        return value
-    half = value.half()
-    if not torch.isfinite(half).all():
-        raise ValueError(f"{key}: not finite after the float16 cast")
-    return half
 
 
 def main() -> int:
@@ -55,7 +34,7 @@ def main() -> int:
 
     meta = read_metadata(args.src)
     state, _, _ = read_state_dict(args.src)
-    state = {k: _shrink(k, v) for k, v in state.items()}
+    state = half_state_dict(state)
     if args.output_stride:
         meta["model_kwargs"] = {**meta.get("model_kwargs", {}), "output_stride": args.output_stride}
     if args.crf_json:

@@ -24,6 +24,7 @@ from deeplab.weights import (
     save_weights,
     write_caffemodel,
 )
+from deeplab.weights.safetensors_io import read_safetensors
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -319,6 +320,26 @@ def test_convert_cli_end_to_end(tmp_path, small, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "backbone.layer1.2.conv1.weight" in err and "Traceback" not in err
     assert not dst2.exists()
+
+
+def test_convert_half_keeps_bn_statistics_float32(tmp_path, small):
+    """--half: float16 weights, about half the file; BN statistics (here ~4e7, beyond float16's
+    range, as a from-scratch stem's running variance is) stay float32 and load exactly."""
+    with torch.no_grad():
+        small.backbone.stem.bn1.running_var.fill_(4e7)
+    src = tmp_path / "model.safetensors"
+    save_weights(small, src)
+    dst = tmp_path / "half.safetensors"
+    assert _cli("deeplab.cli.convert", [str(src), str(dst), "--model", "deeplab_v2_resnet18", "--half"]) == 0
+    state, _ = read_safetensors(dst)
+    assert state["backbone.stem.conv1.weight"].dtype == torch.float16
+    assert state["backbone.stem.bn1.running_var"].dtype == torch.float32
+    assert dst.stat().st_size < 0.6 * src.stat().st_size
+    model, _ = build_from_weights(dst)
+    loaded = model.state_dict()
+    assert torch.equal(loaded["backbone.stem.bn1.running_var"], small.state_dict()["backbone.stem.bn1.running_var"])
+    w, w0 = loaded["backbone.stem.conv1.weight"], small.state_dict()["backbone.stem.conv1.weight"]
+    assert float((w - w0).abs().max()) <= 1e-3 * float(w0.abs().max())
 
 
 def test_convert_cli_from_caffemodel(tmp_path, capsys):

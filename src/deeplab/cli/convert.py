@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of classes; read from the file's classifier when omitted")
     parser.add_argument("--class-names", type=Path, default=None,
                         help="text file with one class name a line, stored in the metadata")
+    parser.add_argument("--half", action="store_true",
+                        help="store float16 weights (half the file; batch-norm statistics stay float32)")
     parser.add_argument("--partial", action="store_true",
                         help="allow model tensors the file lacks or cannot fill (e.g. init.caffemodel "
                              "without a classifier, or another class count): they keep the fresh "
@@ -108,7 +110,7 @@ def _convert(args: argparse.Namespace) -> int:
     metadata.update(model=args.model, num_classes=model.num_classes)
     metadata["source"] = {"file": src.name, "layout": layout}
     metadata.pop("model_kwargs", None)  # recomputed from the model by save_weights
-    save_weights(model, args.dst, metadata)
+    save_weights(model, args.dst, metadata, half=args.half)
     n = len(model.state_dict())
     print(f"wrote {args.dst}: {args.model}, {model.num_classes} classes, {n} tensors from {src.name} ({layout} layout)")
     if result.missing or result.skipped_shape:

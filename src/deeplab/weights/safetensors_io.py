@@ -162,10 +162,37 @@ def save_state_dict(
     return path
 
 
+_FP16_MAX = 65504.0
+
+
+def half_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float16 weights for a file half the size; batch-norm statistics stay float32.
+
+    Caffe-mode inputs are unscaled (BGR minus the mean, values up to ~150), so the stem's BN
+    running variance of a model trained from scratch reaches ~4e7, far beyond float16's 65504:
+    cast, it would become inf and silently ruin the model. The statistics are a few KB, and any
+    other tensor with a value beyond float16's range is kept float32 too. Loading casts back
+    to the model's dtype.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if (not value.is_floating_point() or key.endswith(("running_mean", "running_var"))
+                or (value.numel() and float(value.abs().max()) >= _FP16_MAX)):
+            out[key] = value
+            continue
+        half = value.half()
+        if not bool(torch.isfinite(half).all()):
+            raise ValueError(f"{key}: not finite after the float16 cast")
+        out[key] = half
+    return out
+
+
 def save_weights(
     model: nn.Module,
     path: str | os.PathLike[str],
     metadata: Mapping[str, Any] | None = None,
+    *,
+    half: bool = False,
 ) -> Path:
     """Save a model's weights as safetensors with the project's metadata.
 
@@ -178,6 +205,7 @@ def save_weights(
         path: destination ``.safetensors`` file, written atomically.
         metadata: extra keys, e.g. ``{"model": "deeplab_v2_resnet101", "class_names": [...],
             "palette": [[0, 0, 0], ...], "normalization": {...}, "model_kwargs": {...}}``.
+        half: store float16 weights (see :func:`half_state_dict`).
 
     Returns:
         The path written.
@@ -189,7 +217,8 @@ def save_weights(
             f"metadata num_classes={given['num_classes']} but the model has {meta['num_classes']} classes"
         )
     meta.update(given)
-    return save_state_dict(model.state_dict(), path, meta)
+    state = model.state_dict()
+    return save_state_dict(half_state_dict(state) if half else state, path, meta)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
