@@ -1,22 +1,24 @@
-"""The CPU lattice build and filter, compiled with numba.
+"""The CPU lattice build, compiled with numba.
 
 Why by hand: building a permutohedral lattice is a hash-table insertion per (pixel, simplex
 vertex), a sequential, branchy loop that tensor ops can only emulate with a sort of every key
-plus binary searches (``lattice._hash``), 2-4x slower than pydensecrf's C++ hash table on a CPU.
+plus binary searches (``lattice._hash``): 0.115 s against 0.078 s here for a 500x375 bilateral
+lattice on one core.
 No maintained library offers the lattice, so the hot loops are written here and compiled by
 numba; the arithmetic is ``permutohedral.cpp``'s (float32 elevation, the same rounding, rank and
 barycentric weights), so the lattice is the one pydensecrf builds. The filter (splat, blur,
 slice) stays in ``torch.nn.functional.embedding_bag``, whose FBGEMM gathers measured 4x faster
 than a numba loop.
 
-Everything here is optional: without numba the tensor implementation in ``lattice.py`` runs.
+numba is a dependency of the package; where it cannot be imported, the tensor build in
+``lattice.py`` runs instead (same lattice, slower).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-try:  # numba is an optional dependency (the ``fast`` extra).
+try:  # a dependency, but the tensor build still works without it
     import numba
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
