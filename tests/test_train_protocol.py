@@ -192,6 +192,12 @@ def test_loss_resolution_is_validated():
     assert parse_config({}, ["solver.loss_resolution=labels"]).solver.loss_resolution == "labels"
     with pytest.raises(ConfigError, match="loss_resolution"):
         parse_config({}, ["solver.loss_resolution=pixels"])
+    cfg = parse_config({}, ["data.focus_classes=[2, 6]", "data.focus_prob=0.5"])
+    assert cfg.data.focus_classes == [2, 6] and cfg.data.focus_prob == 0.5
+    for bad in (["data.focus_prob=0.5"], ["data.focus_classes=[2]", "data.focus_prob=2"],
+                ["data.focus_classes=[255]", "data.focus_prob=0.5"]):
+        with pytest.raises(ConfigError, match="focus"):
+            parse_config({}, bad)
 
 
 # ---- data order -------------------------------------------------------------------------------

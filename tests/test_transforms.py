@@ -184,3 +184,48 @@ def test_eval_transforms_pad() -> None:
     mask = np.ones((10, 12), np.uint8)
     x, y = T.build_eval_transforms(pad_to=16)(image, mask)
     assert x.shape == (3, 16, 16) and (y[10:] == 255).all() and (y[:10, :12] == 1).all()
+
+
+# ---- class-focused crops (not in the paper) ----------------------------------------------------
+
+
+def test_focused_crop_always_holds_the_focus_pixel():
+    """focus_prob 1: every crop contains the single pixel of the focus class, wherever it is."""
+    image = np.zeros((60, 80, 3), np.uint8)
+    for y, x in [(0, 0), (59, 79), (30, 5), (2, 70)]:
+        mask = np.zeros((60, 80), np.uint8)
+        mask[y, x] = 7
+        crop = T.RandomCrop(21, generator=torch.Generator().manual_seed(y + x), focus_classes=[7, 9], focus_prob=1.0)
+        for _ in range(20):
+            _, m = crop(image, mask)
+            assert m.shape == (21, 21) and (m == 7).sum() == 1
+
+
+def test_focused_crop_offsets_vary_and_fall_back_to_uniform():
+    image = np.zeros((60, 80, 3), np.uint8)
+    mask = np.zeros((60, 80), np.uint8)
+    mask[30, 40] = 7
+    crop = T.RandomCrop(21, generator=torch.Generator().manual_seed(0), focus_classes=[7], focus_prob=1.0)
+    # The window's position among those containing the pixel is random: several distinct crops.
+    seen = set()
+    rows = np.arange(60, dtype=np.uint8)[:, None, None].repeat(80, 1).repeat(3, 2)
+    for _ in range(30):
+        img, _ = crop(rows, mask)
+        seen.add(int(img[0, 0, 0]))
+    assert len(seen) > 5 and all(10 <= t <= 30 for t in seen)
+    # No focus class in the mask: uniform crops, all positions possible.
+    empty = np.zeros((60, 80), np.uint8)
+    tops = {int(crop(rows, empty)[0][0, 0, 0]) for _ in range(200)}
+    assert min(tops) < 10 and max(tops) > 30
+
+
+def test_focus_prob_zero_draws_the_papers_crops():
+    """No focus: exactly the same random stream as the plain crop (resumed runs stay identical)."""
+    image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    mask = np.full((50, 70), 7, np.uint8)
+    a = T.RandomCrop(21, generator=torch.Generator().manual_seed(3))
+    b = T.RandomCrop(21, generator=torch.Generator().manual_seed(3), focus_classes=[7], focus_prob=0.0)
+    for _ in range(10):
+        np.testing.assert_array_equal(a(image, mask)[0], b(image, mask)[0])
+    with pytest.raises(ValueError, match="focus_prob"):
+        T.RandomCrop(21, focus_classes=[1], focus_prob=1.5)

@@ -236,11 +236,43 @@ class RandomCrop:
     Args:
         size: int or (height, width); 321 in the paper.
         generator: optional ``torch.Generator`` for the offsets.
+        focus_classes: not in the paper: class ids (thin or rare ones) that crops seek out.
+        focus_prob: probability that a crop is centred on a focus class: one of the focus
+            classes present in the mask is drawn, then one of its pixels, and the window is
+            placed at random among those that contain it (uniform crop when none is present).
+            0 (the default) draws exactly the paper's uniform crops.
     """
 
-    def __init__(self, size: int | Sequence[int], *, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        *,
+        generator: torch.Generator | None = None,
+        focus_classes: Sequence[int] = (),
+        focus_prob: float = 0.0,
+    ):
         self.size = _pair(size, "size")
         self.generator = generator
+        if not 0.0 <= focus_prob <= 1.0:
+            raise ValueError(f"focus_prob must be in [0, 1], got {focus_prob}")
+        self.focus_classes = tuple(int(c) for c in focus_classes)
+        self.focus_prob = float(focus_prob) if self.focus_classes else 0.0
+
+    def _draw(self, n: int) -> int:
+        return int(torch.randint(0, n, (), generator=self.generator))
+
+    def _focus(self, mask: np.ndarray | None) -> tuple[int, int] | None:
+        """A pixel (y, x) of a focus class, or None (no coin won, no mask, no focus class in it)."""
+        if self.focus_prob == 0.0 or mask is None:
+            return None
+        if float(torch.rand((), generator=self.generator)) >= self.focus_prob:
+            return None
+        present = [c for c in self.focus_classes if (mask == c).any()]
+        if not present:
+            return None
+        ys, xs = np.nonzero(mask == present[self._draw(len(present))])
+        k = self._draw(len(ys))
+        return int(ys[k]), int(xs[k])
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None) -> Pair:
         _check_pair(image, mask, "RandomCrop")
@@ -251,14 +283,25 @@ class RandomCrop:
                 f"RandomCrop{self.size}: image is {h}x{w}, smaller than the crop; put "
                 f"PadToSize({ch}, {cw}) before it"
             )
-        top = int(torch.randint(0, h - ch + 1, (), generator=self.generator))
-        left = int(torch.randint(0, w - cw + 1, (), generator=self.generator))
+        focus = self._focus(mask)
+        if focus is None:
+            top = self._draw(h - ch + 1)
+            left = self._draw(w - cw + 1)
+        else:
+            # Windows containing (y, x): top in [y - ch + 1, y], clipped to the image.
+            y, x = focus
+            lo_t, hi_t = max(0, y - ch + 1), min(y, h - ch)
+            lo_l, hi_l = max(0, x - cw + 1), min(x, w - cw)
+            top = lo_t + self._draw(hi_t - lo_t + 1)
+            left = lo_l + self._draw(hi_l - lo_l + 1)
         image = image[top : top + ch, left : left + cw]
         if mask is not None:
             mask = mask[top : top + ch, left : left + cw]
         return image, mask
 
     def __repr__(self) -> str:
+        if self.focus_prob:
+            return f"RandomCrop(size={self.size}, focus_classes={self.focus_classes}, focus_prob={self.focus_prob})"
         return f"RandomCrop(size={self.size})"
 
 
@@ -432,6 +475,8 @@ def build_train_transforms(
     normalization: Mapping[str, Any] = CAFFE_NORMALIZATION,
     ignore_index: int = 255,
     generator: torch.Generator | None = None,
+    focus_classes: Sequence[int] = (),
+    focus_prob: float = 0.0,
 ) -> Compose:
     """The paper's training augmentation.
 
@@ -442,6 +487,7 @@ def build_train_transforms(
         normalization: spec; its mean pixel is the image padding colour.
         ignore_index: mask padding value.
         generator: optional shared ``torch.Generator`` (default: torch's per-worker RNG).
+        focus_classes / focus_prob: class-focused crops (see :class:`RandomCrop`; not in the paper).
 
     Returns:
         Compose: RandomScale -> PadToSize -> RandomCrop -> [RandomHorizontalFlip] -> Normalize.
@@ -450,7 +496,7 @@ def build_train_transforms(
     if scale_range is not None:
         steps.append(RandomScale(scale_range, generator=generator))
     steps.append(PadToSize(crop_size, image_fill=mean_pixel_rgb(normalization), ignore_index=ignore_index))
-    steps.append(RandomCrop(crop_size, generator=generator))
+    steps.append(RandomCrop(crop_size, generator=generator, focus_classes=focus_classes, focus_prob=focus_prob))
     if flip:
         steps.append(RandomHorizontalFlip(0.5, generator=generator))
     steps.append(Normalize.from_spec(normalization))

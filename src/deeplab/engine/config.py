@@ -83,6 +83,9 @@ class DataConfig:
         ignore_index: label excluded from the loss and the metrics.
         class_weights: ``null`` (none), ``median_freq`` (median frequency balancing, computed from
             the training masks) or one weight per class.
+        focus_classes / focus_prob: not in the paper: with probability ``focus_prob`` a training
+            crop is placed around a random pixel of one of ``focus_classes`` (class ids) present
+            in the image, so thin and rare classes are seen more often (0: the paper's crops).
         num_workers: DataLoader worker processes per training process.
         val_max_images: validate on the first N validation images only (``null`` = all).
     """
@@ -97,6 +100,8 @@ class DataConfig:
     normalization: dict[str, Any] = field(default_factory=lambda: dict(CAFFE_BGR_MEAN))
     ignore_index: int = 255
     class_weights: str | list[float] | None = None
+    focus_classes: list[int] = field(default_factory=list)
+    focus_prob: float = 0.0
     num_workers: int = 2
     val_max_images: int | None = None
 
@@ -286,6 +291,12 @@ def _validate(cfg: TrainConfig) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    if not 0.0 <= d.focus_prob <= 1.0:
+        raise ConfigError(f"data.focus_prob must be in [0, 1], got {d.focus_prob!r}")
+    if d.focus_prob > 0 and not d.focus_classes:
+        raise ConfigError("data.focus_prob > 0 needs data.focus_classes (class ids to seek out)")
+    if any(c < 0 or c == d.ignore_index for c in d.focus_classes):
+        raise ConfigError(f"data.focus_classes must be class ids (>= 0, not the ignore label), got {d.focus_classes}")
     if s.loss_resolution not in ("logits", "labels"):
         raise ConfigError(f"solver.loss_resolution must be 'logits' or 'labels', got {s.loss_resolution!r}")
     if cfg.keep_checkpoints < 1:
