@@ -88,3 +88,32 @@ def test_crf_cli_unusable_device(tmp_path, shared_data, capsys):
                    "--device", "cuda", "--no-progress"])
     assert status == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+def test_crf_cli_batches_give_the_labels_of_single_images(tmp_path, shared_data, capsys):
+    """--batch: same-size images share one CRF call; a bad file in a chunk fails alone."""
+    images, probs = tmp_path / "images", tmp_path / "probs"
+    images.mkdir()
+    probs.mkdir()
+    rng = np.random.default_rng(1)
+    expected = {}
+    photo = np.array(Image.open(shared_data / "voc12_toy" / "JPEGImages" / "2008_005376.jpg").convert("RGB"))
+    for name, (y, x, h, w) in {"a": (0, 0, 60, 80), "b": (100, 120, 60, 80), "c": (50, 50, 40, 50)}.items():
+        image = photo[y:y + h, x:x + w].copy()
+        Image.fromarray(image).save(images / f"{name}.png")
+        logits = rng.normal(0, 1.5, (5, h, w)).astype(np.float32)
+        p = np.exp(logits - logits.max(0))
+        p /= p.sum(0)
+        np.save(probs / f"{name}.npy", p)
+        expected[name] = DenseCRF()(image, p).argmax(0)
+    Image.fromarray(photo[:30, :30].copy()).save(images / "bad.png")
+    np.save(probs / "bad.npy", np.zeros((5, 10, 10), np.float32))  # wrong size, in the same chunk
+    out = tmp_path / "out"
+    status = main(["crf", "--images", str(images), "--probs", str(probs), "--out", str(out),
+                   "--workers", "1", "--batch", "4", "--no-progress", "--palette", "none"])
+    assert status == 1
+    assert "bad" in capsys.readouterr().err
+    for name, labels in expected.items():
+        np.testing.assert_array_equal(np.array(Image.open(out / f"{name}.png")), labels)
+    assert main(["crf", "--images", str(images), "--probs", str(probs), "--out", str(out),
+                 "--batch", "0", "--no-progress"]) == 2

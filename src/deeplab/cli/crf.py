@@ -6,7 +6,8 @@ For every image ``IMAGES/<id>.<jpg|png|...>`` the command reads ``PROBS/<id>.npy
 'deeplab eval --save-probs DIR' writes), or logits with --logits (a softmax over C is applied).
 It writes ``OUT/<id>.png``: a palette PNG of the CRF's argmax labels (--palette voc, camvid,
 or none for a grayscale PNG of class indices), atomically. Work is spread over --workers
-processes (default: every core); with --workers 1 the CRF uses every core itself. The exit
+processes (default: every core); with --workers 1 the CRF uses every core itself. On a GPU
+(--device cuda) same-size images are refined --batch at a time (default 16). The exit
 status is non-zero when any image failed, and the failures are listed.
 
 Examples:
@@ -14,6 +15,7 @@ Examples:
   deeplab crf --images VOC2012/JPEGImages --probs probs/ --out crf_labels/
   deeplab crf --images frames/ --probs logits/ --logits --out labels/ --palette camvid \\
       --bi-w 5 --bi-xy-std 21 --bi-rgb-std 3 --pos-w 4 --pos-xy-std 1 --workers 2
+  deeplab crf --images frames/ --probs probs/ --out labels/ --device cuda --batch 32
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="processes (default: the number of cores; 1: in this process, all threads)")
     parser.add_argument("--device", default="cpu",
-                        help="torch device for the CRF (cuda runs in this process, one image at a time)")
+                        help="torch device for the CRF (cuda runs in this process, --batch images at a time)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images of one size refined together as one batch (default: 16 on a GPU, "
+                             "1 on the CPU, where --workers processes run images in parallel instead)")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose PNG already exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -108,46 +113,78 @@ def _init_worker(crf_kwargs: dict, threads: int, device: str = "cpu") -> None:
     _WORKER["device"] = torch.device(device)
 
 
-def _process(job: tuple[str, Path, Path, Path, bool, str]) -> tuple[str, str | None]:
-    """Run one image; return (id, error message or None). Never raises for bad files."""
+def _prepare(job: tuple[str, Path, Path, Path, bool, str]):
+    """Read and check one job's image and probabilities: (uint8 (H, W, 3), float (C, H, W))."""
     import numpy as np
 
-    sample_id, image_path, probs_path, out_path, logits, palette_name = job
-    try:
-        from deeplab.data.io import read_image, write_label_png
-        from deeplab.data.palettes import CAMVID_PALETTE, voc_palette
+    from deeplab.data.io import read_image
 
-        image = read_image(image_path)
-        arr = _load_array(probs_path)
-        if arr.dtype not in (np.float16, np.float32, np.float64) or arr.ndim != 3:
-            raise ValueError(f"{probs_path}: expected a (C, H, W) float array, got {arr.shape} {arr.dtype}")
-        if arr.shape[1:] != image.shape[:2]:
-            raise ValueError(
-                f"{probs_path}: probabilities {arr.shape} do not match the image {image_path.name} "
-                f"{image.shape}: save them at the image's size (C, {image.shape[0]}, {image.shape[1]})"
-            )
-        if logits:
-            x = arr.astype(np.float32)
-            x -= x.max(0, keepdims=True)
-            np.exp(x, out=x)
-            x /= x.sum(0, keepdims=True)
-            arr = x
-        elif np.isfinite(arr).all() and (arr.min() < -1e-3 or arr.max() > 1 + 1e-3):
-            raise ValueError(f"{probs_path}: values in [{arr.min():.3g}, {arr.max():.3g}] are not probabilities; "
-                             "pass --logits for logits")
-        device = _WORKER["device"]
-        if device.type == "cpu":
-            labels = _WORKER["crf"](image, arr).argmax(0).astype(np.uint8)
-        else:
-            import torch
+    _, image_path, probs_path, _, logits, _ = job
+    image = read_image(image_path)
+    arr = _load_array(probs_path)
+    if arr.dtype not in (np.float16, np.float32, np.float64) or arr.ndim != 3:
+        raise ValueError(f"{probs_path}: expected a (C, H, W) float array, got {arr.shape} {arr.dtype}")
+    if arr.shape[1:] != image.shape[:2]:
+        raise ValueError(
+            f"{probs_path}: probabilities {arr.shape} do not match the image {image_path.name} "
+            f"{image.shape}: save them at the image's size (C, {image.shape[0]}, {image.shape[1]})"
+        )
+    if logits:
+        x = arr.astype(np.float32)
+        x -= x.max(0, keepdims=True)
+        np.exp(x, out=x)
+        x /= x.sum(0, keepdims=True)
+        arr = x
+    elif np.isfinite(arr).all() and (arr.min() < -1e-3 or arr.max() > 1 + 1e-3):
+        raise ValueError(f"{probs_path}: values in [{arr.min():.3g}, {arr.max():.3g}] are not probabilities; "
+                         "pass --logits for logits")
+    # float16 is refined in float32 either way; float64 stays float64.
+    return image, arr if arr.dtype == np.float64 else arr.astype(np.float32, copy=False)
 
-            q = _WORKER["crf"](torch.from_numpy(image).to(device), torch.from_numpy(arr).to(device))
-            labels = q.argmax(0).to(torch.uint8).cpu().numpy()
-        palette = {"voc": voc_palette(256), "camvid": CAMVID_PALETTE, "none": None}[palette_name]
-        write_label_png(out_path, labels, palette)
-        return sample_id, None
-    except Exception as exc:  # noqa: BLE001 - reported per file, the run goes on
-        return sample_id, f"{type(exc).__name__}: {exc}"
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _process(jobs: list[tuple[str, Path, Path, Path, bool, str]]) -> list[tuple[str, str | None]]:
+    """Run a chunk of images; return (id, error message or None) for each. Never raises for bad files.
+
+    Images of the same size, label count and dtype go through the CRF as one batch (one
+    lattice for all of them, with the image index in its keys: the same labels as one by one).
+    """
+    import numpy as np
+    import torch
+
+    from deeplab.data.io import write_label_png
+    from deeplab.data.palettes import CAMVID_PALETTE, voc_palette
+
+    results: list[tuple[str, str | None]] = []
+    groups: dict[tuple, list] = {}
+    for job in jobs:
+        try:
+            image, arr = _prepare(job)
+        except Exception as exc:  # noqa: BLE001 - reported per file, the run goes on
+            results.append((job[0], _error(exc)))
+            continue
+        groups.setdefault((arr.shape, arr.dtype), []).append((job, image, arr))
+    device = _WORKER["device"]
+    for items in groups.values():
+        try:
+            images = torch.from_numpy(np.stack([image for _, image, _ in items])).to(device)
+            probs = torch.from_numpy(np.stack([arr for _, _, arr in items])).to(device)
+            labels = _WORKER["crf"](images, probs).argmax(1).to(torch.uint8).cpu().numpy()
+        except Exception as exc:  # noqa: BLE001
+            results += [(job[0], _error(exc)) for job, _, _ in items]
+            continue
+        for (job, _, _), lab in zip(items, labels):
+            sample_id, _, _, out_path, _, palette_name = job
+            try:
+                palette = {"voc": voc_palette(256), "camvid": CAMVID_PALETTE, "none": None}[palette_name]
+                write_label_png(out_path, lab, palette)
+                results.append((sample_id, None))
+            except Exception as exc:  # noqa: BLE001
+                results.append((sample_id, _error(exc)))
+    return results
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,26 +229,31 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if device.type != "cpu":
         workers = 1  # one process owns the GPU
-    workers = min(workers, max(1, len(jobs)))
+    batch = args.batch if args.batch is not None else (16 if device.type != "cpu" else 1)
+    if batch < 1:
+        print(f"error: --batch must be >= 1, got {batch}", file=sys.stderr)
+        return 2
+    chunks = [jobs[i:i + batch] for i in range(0, len(jobs), batch)]
+    workers = min(workers, max(1, len(chunks)))
     errors: list[str] = []
     bar = tqdm(total=len(jobs), unit="img", disable=args.no_progress, desc="crf")
+
+    def collect(results: list[tuple[str, str | None]]) -> None:
+        errors.extend(f"{sid}: {err}" for sid, err in results if err)
+        bar.update(len(results))
+
     if workers == 1:
         _init_worker(crf_kwargs, torch.get_num_threads(), args.device)
-        results = map(_process, jobs)
-        for sid, err in results:
-            if err:
-                errors.append(f"{sid}: {err}")
-            bar.update(1)
+        for results in map(_process, chunks):
+            collect(results)
     else:
         import multiprocessing as mp
 
         # One thread a process: images in parallel scale better than threads inside one image.
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers, initializer=_init_worker, initargs=(crf_kwargs, 1)) as pool:
-            for sid, err in pool.imap_unordered(_process, jobs):
-                if err:
-                    errors.append(f"{sid}: {err}")
-                bar.update(1)
+            for results in pool.imap_unordered(_process, chunks):
+                collect(results)
     bar.close()
     failures += errors
     done = len(jobs) - len(errors)
