@@ -247,3 +247,33 @@ def test_tensorboard_missing_is_a_clear_error(camvid_root, tmp_path):
     with pytest.raises(TrainingError, match=r"pip install 'deeplab\[tensorboard\]'"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before writing anything
+
+
+@pytest.mark.slow
+def test_class_weights_enet_and_median_freq_come_from_the_training_masks(camvid_root, tmp_path):
+    """data.class_weights names a weighting of the masks' class frequencies; the run folder keeps
+    it with its kind, and weights of another kind found there are not reused."""
+    import json
+
+    from deeplab.data import build_dataset
+    from deeplab.data.balance import class_frequencies, enet_weights, median_frequency_weights
+
+    freqs = class_frequencies(build_dataset("camvid", camvid_root, "train"))
+    cases = [  # (kind, file found in the run folder, weights the run must use)
+        ("median_freq", None, median_frequency_weights(freqs)),
+        ("enet", {"kind": "median_freq", "weights": [1.0] * 11}, enet_weights(freqs)),  # another kind: recomputed
+        ("median_freq", {"weights": [1.0] * 11}, [1.0] * 11),  # the old format held median-frequency weights
+    ]
+    for i, (kind, found, expected) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        out.mkdir()
+        if found is not None:
+            (out / "class_weights.json").write_text(json.dumps(found))
+        cfg = _config(camvid_root, **{"data.class_weights": kind, "solver.max_iter": 1, "checkpoint_interval": 0})
+        train(parse_config(cfg), out, progress=False)
+        saved = json.loads((out / "class_weights.json").read_text())
+        assert saved.get("kind", "median_freq") == kind
+        np.testing.assert_allclose(saved["weights"], expected, rtol=1e-6)
+    # ENet's weights are bounded by 1 / ln(1.02); the rarest class (bicyclist) weighs most in both.
+    assert enet_weights(freqs).max() <= 1 / np.log(1.02)
+    assert int(np.argmax(enet_weights(freqs))) == int(np.argmax(median_frequency_weights(freqs))) == 10

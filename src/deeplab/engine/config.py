@@ -81,8 +81,9 @@ class DataConfig:
         flip: random horizontal flip.
         normalization: ``{mode: caffe_bgr, mean: [...]}`` or ``{mode: rgb, mean: [...], std: [...]}``.
         ignore_index: label excluded from the loss and the metrics.
-        class_weights: ``null`` (none), ``median_freq`` (median frequency balancing, computed from
-            the training masks) or one weight per class.
+        class_weights: ``null`` (none), ``median_freq`` (SegNet's median frequency balancing),
+            ``enet`` (ENet's ``1 / ln(1.02 + share)``), both computed from the training masks, or
+            one weight per class.
         focus_classes / focus_prob: not in the paper: with probability ``focus_prob`` a training
             crop is placed around a random pixel of one of ``focus_classes`` (class ids) present
             in the image, so thin and rare classes are seen more often (0: the paper's crops).
@@ -306,9 +307,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.crop_size must be an int or [height, width] > 0, got {d.crop_size!r}")
     if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
         raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high, got {d.scale_range!r}")
-    if isinstance(d.class_weights, str) and d.class_weights != "median_freq":
+    if isinstance(d.class_weights, str) and d.class_weights not in ("median_freq", "enet"):
         raise ConfigError(
-            f"data.class_weights must be null, 'median_freq' or a list of numbers, got {d.class_weights!r}"
+            f"data.class_weights must be null, 'median_freq', 'enet' or a list of numbers, got {d.class_weights!r}"
         )
     norm = d.normalization
     mode = norm.get("mode")

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deeplab.data.balance import class_frequencies, median_frequency_weights
+from deeplab.data.balance import class_frequencies, enet_weights, median_frequency_weights
 from deeplab.engine import checkpoint as ckpt
 from deeplab.engine.config import TrainConfig, resolve_data_root, save_config
 from deeplab.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -55,6 +55,10 @@ __all__ = [
     "train",
     "train_step",
 ]
+
+
+# data.class_weights names -> the function of the training masks' class frequencies.
+_CLASS_WEIGHTING = {"median_freq": median_frequency_weights, "enet": enet_weights}
 
 
 class TrainingError(RuntimeError):
@@ -525,15 +529,17 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
 
     weight = None
     if d.class_weights is not None:
-        if d.class_weights == "median_freq":
+        if d.class_weights in _CLASS_WEIGHTING:
             cache = out / "class_weights.json"
-            if cache.is_file():
-                weights_list = json.loads(cache.read_text())["weights"]
+            cached = json.loads(cache.read_text()) if cache.is_file() else {}
+            # Files written before "kind" existed hold median-frequency weights.
+            if cached and cached.get("kind", "median_freq") == d.class_weights:
+                weights_list = cached["weights"]
             else:
-                log("computing median-frequency class weights from the training masks ...")
-                weights_list = median_frequency_weights(class_frequencies(train_ds)).tolist()
+                log(f"computing {d.class_weights} class weights from the training masks ...")
+                weights_list = _CLASS_WEIGHTING[d.class_weights](class_frequencies(train_ds)).tolist()
                 if main:
-                    text = json.dumps({"weights": weights_list}, indent=1)
+                    text = json.dumps({"kind": d.class_weights, "weights": weights_list}, indent=1)
                     ckpt.atomic_write(cache, lambda p: p.write_text(text))
         else:
             weights_list = list(d.class_weights)
