@@ -16,11 +16,21 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 
 from deeplab.weights import half_state_dict, read_metadata, save_state_dict
 from deeplab.weights.loading import read_state_dict
 
 DEFAULT_DST = Path(__file__).resolve().parents[1] / "src/deeplab/assets/deeplab_v2_camvid.safetensors"
+
+
+def _classifier_bias(state: dict, num_classes: int) -> str:
+    """The bias of the first ASPP branch's classifier (ResNet ``aspp.branches.0.bias``, VGG ``...fc8.bias``)."""
+    keys = [k for k, v in state.items()
+            if k.startswith("aspp.branches.0.") and k.endswith("bias") and v.numel() == num_classes]
+    if len(keys) != 1:
+        raise SystemExit(f"error: cannot tell the classifier bias among {keys or 'no'} aspp.branches.0 biases")
+    return keys[0]
 
 
 def main() -> int:
@@ -30,10 +40,24 @@ def main() -> int:
     parser.add_argument("--output-stride", type=int, default=None, help="output stride at inference")
     parser.add_argument("--crf-json", type=Path, help="'deeplab crf-search --json' output (its best setting)")
     parser.add_argument("--record", type=Path, help="JSON merged into the metadata under 'record'")
+    parser.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
+                        help="subtract TAU * log(w_c) of the training class weights from the classifier bias "
+                             "(see scripts/logit_adjustment.py)")
+    parser.add_argument("--class-weights", type=Path, default=None,
+                        help="the run's class_weights.json (default: next to SRC)")
     args = parser.parse_args()
 
     meta = read_metadata(args.src)
     state, _, _ = read_state_dict(args.src)
+    if args.logit_adjust:
+        weights_file = args.class_weights or args.src.parent / "class_weights.json"
+        weights = json.loads(weights_file.read_text())["weights"]
+        key = _classifier_bias(state, len(weights))
+        offset = args.logit_adjust * torch.log(torch.tensor(weights, dtype=torch.float64))
+        # ASPP sums its branches, so a constant on one branch's bias moves every logit of that class.
+        state[key] = (state[key].double() - offset).to(state[key].dtype)
+        meta["logit_adjustment"] = {"tau": args.logit_adjust, "class_weights": weights, "bias": key}
+        print(f"{key} -= {args.logit_adjust} * log(class weights of {weights_file})")
     state = half_state_dict(state)
     if args.output_stride:
         meta["model_kwargs"] = {**meta.get("model_kwargs", {}), "output_stride": args.output_stride}
