@@ -529,7 +529,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
 
     weight = None
     if d.class_weights is not None:
-        if d.class_weights in _CLASS_WEIGHTING:
+        if isinstance(d.class_weights, str):  # a name of _CLASS_WEIGHTING (checked by the config)
             cache = out / "class_weights.json"
             cached = json.loads(cache.read_text()) if cache.is_file() else {}
             # Files written before "kind" existed hold median-frequency weights.
