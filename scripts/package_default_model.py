@@ -65,6 +65,10 @@ def main() -> int:
         meta["crf"] = json.loads(args.crf_json.read_text())["best"]
     if args.record:
         meta["record"] = json.loads(args.record.read_text())
+    # The run's "miou" is its in-training validation (its stride, before any adjustment): keep
+    # it under its own name so that it is not read as the packaged model's figure.
+    if "miou" in meta:
+        meta["train_val_miou"] = meta.pop("miou")
     meta["source"] = f"deeplab train ({args.src.parent.name}), packaged by scripts/package_default_model.py"
     args.dst.parent.mkdir(parents=True, exist_ok=True)
     save_state_dict(state, args.dst, meta)
