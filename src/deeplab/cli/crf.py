@@ -168,6 +168,8 @@ def _process(jobs: list[tuple[str, Path, Path, Path, bool, str]]) -> list[tuple[
             continue
         groups.setdefault((arr.shape, arr.dtype), []).append((job, image, arr))
     device = _WORKER["device"]
+    # One --palette for the whole run, so for every job of the chunk.
+    palette = {"voc": voc_palette(256), "camvid": CAMVID_PALETTE, "none": None}[jobs[0][5]] if jobs else None
     for items in groups.values():
         try:
             images = torch.from_numpy(np.stack([image for _, image, _ in items])).to(device)
@@ -177,9 +179,8 @@ def _process(jobs: list[tuple[str, Path, Path, Path, bool, str]]) -> list[tuple[
             results += [(job[0], _error(exc)) for job, _, _ in items]
             continue
         for (job, _, _), lab in zip(items, labels):
-            sample_id, _, _, out_path, _, palette_name = job
+            sample_id, out_path = job[0], job[3]
             try:
-                palette = {"voc": voc_palette(256), "camvid": CAMVID_PALETTE, "none": None}[palette_name]
                 write_label_png(out_path, lab, palette)
                 results.append((sample_id, None))
             except Exception as exc:  # noqa: BLE001

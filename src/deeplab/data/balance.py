@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ClassFrequencies", "class_frequencies", "median_frequency_weights", "enet_weights"]
+__all__ = ["ClassFrequencies", "CLASS_WEIGHTINGS", "class_frequencies", "median_frequency_weights", "enet_weights"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +94,7 @@ def enet_weights(freqs: ClassFrequencies, c: float = 1.02) -> np.ndarray:
     if c <= 1.0:
         raise ValueError(f"c must exceed 1 (ln(c) > 0), got {c}")
     return (1.0 / np.log(c + freqs.share)).astype(np.float32)
+
+
+# The names ``data.class_weights`` accepts in a training config -> their function of the frequencies.
+CLASS_WEIGHTINGS = {"median_freq": median_frequency_weights, "enet": enet_weights}

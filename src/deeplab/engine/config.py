@@ -23,6 +23,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from deeplab.data.balance import CLASS_WEIGHTINGS
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -307,10 +309,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.crop_size must be an int or [height, width] > 0, got {d.crop_size!r}")
     if len(d.scale_range) != 2 or not 0 < d.scale_range[0] <= d.scale_range[1]:
         raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high, got {d.scale_range!r}")
-    if isinstance(d.class_weights, str) and d.class_weights not in ("median_freq", "enet"):
-        raise ConfigError(
-            f"data.class_weights must be null, 'median_freq', 'enet' or a list of numbers, got {d.class_weights!r}"
-        )
+    if isinstance(d.class_weights, str) and d.class_weights not in CLASS_WEIGHTINGS:
+        names = ", ".join(repr(n) for n in CLASS_WEIGHTINGS)
+        raise ConfigError(f"data.class_weights must be null, {names} or a list of numbers, got {d.class_weights!r}")
     norm = d.normalization
     mode = norm.get("mode")
     allowed = {"caffe_bgr": {"mode", "mean"}, "rgb": {"mode", "mean", "std"}}

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deeplab.data.balance import class_frequencies, enet_weights, median_frequency_weights
+from deeplab.data.balance import CLASS_WEIGHTINGS, class_frequencies
 from deeplab.engine import checkpoint as ckpt
 from deeplab.engine.config import TrainConfig, resolve_data_root, save_config
 from deeplab.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -55,10 +55,6 @@ __all__ = [
     "train",
     "train_step",
 ]
-
-
-# data.class_weights names -> the function of the training masks' class frequencies.
-_CLASS_WEIGHTING = {"median_freq": median_frequency_weights, "enet": enet_weights}
 
 
 class TrainingError(RuntimeError):
@@ -529,7 +525,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
 
     weight = None
     if d.class_weights is not None:
-        if isinstance(d.class_weights, str):  # a name of _CLASS_WEIGHTING (checked by the config)
+        if isinstance(d.class_weights, str):  # a name in CLASS_WEIGHTINGS (checked by the config)
             cache = out / "class_weights.json"
             cached = json.loads(cache.read_text()) if cache.is_file() else {}
             # Files written before "kind" existed hold median-frequency weights.
@@ -537,7 +533,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                 weights_list = cached["weights"]
             else:
                 log(f"computing {d.class_weights} class weights from the training masks ...")
-                weights_list = _CLASS_WEIGHTING[d.class_weights](class_frequencies(train_ds)).tolist()
+                weights_list = CLASS_WEIGHTINGS[d.class_weights](class_frequencies(train_ds)).tolist()
                 if main:
                     text = json.dumps({"kind": d.class_weights, "weights": weights_list}, indent=1)
                     ckpt.atomic_write(cache, lambda p: p.write_text(text))
