@@ -300,6 +300,22 @@ def test_batched_lattice_keeps_images_apart():
     assert float(out[1].abs().sum()) == 0.0
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_repeated_lattice_equals_lattice_of_repeated_features(backend):
+    """``repeat`` (a batch sharing one image's lattice) filters as a lattice built on the batch."""
+    if backend == "numba" and not lattice_mod.lattice_compiled():
+        pytest.skip("numba is not installed")
+    f = torch.rand(1, 200, 2, generator=torch.Generator().manual_seed(0)) * 6
+    v = torch.rand(3, 200, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    single = PermutohedralLattice(f, backend=backend)
+    rep = single.repeat(3)
+    built = PermutohedralLattice(f.expand(3, 200, 2).contiguous(), backend=backend)
+    assert rep.num_vertices == 3 * (single.num_vertices + 1) - 1
+    torch.testing.assert_close(rep.filter(v), built.filter(v), rtol=1e-12, atol=1e-12)
+    for b in range(3):  # and each block is the single image's filter
+        torch.testing.assert_close(rep.filter(v)[b], single.filter(v[b]), rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- gradients
 
 

@@ -9,12 +9,14 @@ Semantics are those of pydensecrf's ``DenseCRF2D`` with ``unary_from_softmax(pro
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from deeplab.crf.lattice import LatticeFilter, PermutohedralLattice, lattice_compiled
@@ -69,6 +71,15 @@ class DenseKernel:
         self.norm = 1.0 / torch.sqrt(lat.filter(ones) + 1e-20)  # (B*N, 1)
         self._filter = LatticeFilter(lat, self.norm, self.norm, fp16)
         self._row_bound: Tensor | None = None
+
+    def repeated(self, copies: int) -> DenseKernel:
+        """This single-image kernel for a batch of ``copies`` same-size images (no rebuild)."""
+        rep = object.__new__(DenseKernel)
+        rep.lattice = self.lattice.repeat(copies)
+        rep.norm = self.norm.repeat(copies, 1)
+        rep._filter = LatticeFilter(rep.lattice, rep.norm, rep.norm, self._filter.fp16)
+        rep._row_bound = None if self._row_bound is None else self._row_bound.repeat(copies, 1)
+        return rep
 
     def row_bound(self) -> Tensor:
         """(B*N, 1) bound ``norm * K (norm * 1)`` on ``apply(q)`` for any q in [0, 1] (K >= 0)."""
@@ -130,13 +141,53 @@ def mean_field(
     return q
 
 
+class _SummedMessages:
+    """``sum_k w_k K_k q`` of kernels on the same P points, sliced by one gather for all of them.
+
+    Each kernel splats and blurs ``q`` on its own lattice into its rows of one table; every
+    point then gathers its d+1 vertices of each lattice in one ``embedding_bag`` whose weights
+    hold ``w_k`` too: one (P, C) output, no per-kernel conversion or addition. The operands are
+    written in place (no temporaries): this runs once per call, next to the iteration buffers.
+    """
+
+    def __init__(self, active: Sequence[tuple[DenseKernel, float]], dtype: torch.dtype, channels: int) -> None:
+        self.filters = [kernel._filter for kernel, _ in active]
+        self.dtype = self.filters[0].value_dtype(dtype)
+        widths = [f.lattice.dim + 1 for f in self.filters]
+        self.rows = [f.lattice.num_vertices + 1 for f in self.filters]
+        p, width, total = self.filters[0].lattice.batch * self.filters[0].lattice.num_points, sum(widths), sum(self.rows)
+        dev = self.filters[0].lattice.device
+        idx_dtype = torch.int32 if max(total, p * width) < 2**31 else torch.int64
+        self.idx = torch.empty(p, width, dtype=idx_dtype, device=dev)
+        self.w = torch.empty(p, width, dtype=self.dtype, device=dev)
+        col = row = 0
+        for f, (_, w), d1, rows in zip(self.filters, active, widths, self.rows):
+            idx, slice_w = f.slice_operands()
+            torch.add(idx, row, out=self.idx[:, col : col + d1])
+            torch.mul(slice_w, w, out=self.w[:, col : col + d1])
+            col, row = col + d1, row + rows
+        self.idx, self.w = self.idx.reshape(-1), self.w.reshape(-1)
+        self.off = torch.arange(0, p * width, width, dtype=idx_dtype, device=dev)
+        # Kept across iterations: each kernel's blur output is copied in, then freed.
+        self.table = torch.empty(total, channels, dtype=self.dtype, device=dev)
+
+    def __call__(self, q: Tensor) -> Tensor:
+        row = 0
+        for f, rows in zip(self.filters, self.rows):
+            self.table[row : row + rows].copy_(f.splat_blur(q))
+            row += rows
+        return F.embedding_bag(self.idx, self.table, self.off, mode="sum", per_sample_weights=self.w)
+
+
 def _mean_field_inference(log_p: Tensor, kernels: Sequence[DenseKernel], weights: list[float], iterations: int) -> Tensor:
-    """``mean_field`` without autograd: two (P, C) buffers, no fresh tensor per step but the filters'.
+    """``mean_field`` without autograd: fixed (P, C) buffers, the kernels' messages in one gather.
 
     The softmax needs no per-iteration row maximum (a slow reduction over 21-wide rows): with
     ``0 <= K q <= K 1`` the energy is bounded above by ``max_c log_p + sum_{w > 0} w K 1``, a
     shift known before the first iteration, and the top label sits within ``gap`` of it. When
-    ``gap`` could underflow ``exp`` (huge weights) the plain softmax is used instead.
+    ``gap`` could underflow ``exp`` (huge weights) the plain softmax is used instead. Q is
+    written straight in the lattices' value dtype (float16 with ``lattice_fp16``), the only
+    form the filters read; the last iteration's Q is float32.
     """
     active = [(k, w) for k, w in zip(kernels, weights) if w != 0]
     log_p = log_p.contiguous()
@@ -152,32 +203,29 @@ def _mean_field_inference(log_p: Tensor, kernels: Sequence[DenseKernel], weights
         gap.add_(bound, alpha=abs(w))
     limit = 60.0 if log_p.dtype == torch.float32 else 600.0
     shifted = bool(torch.isfinite(upper).all()) and float(gap.max()) < limit
-    if shifted:
-        base = log_p.sub_(upper) if not log_p.requires_grad else log_p - upper
-    else:
-        base = log_p
+    base = log_p.sub_(upper) if shifted else log_p
     del top, upper, gap
     ones = torch.ones(log_p.shape[1], 1, dtype=log_p.dtype, device=log_p.device)
 
-    def normalise(e: Tensor) -> Tensor:
+    def normalise(e: Tensor, out: Tensor) -> Tensor:
         if not shifted:
-            return e.copy_(torch.softmax(e, dim=1))
+            return out.copy_(torch.softmax(e, dim=1))
         e.exp_()
-        return e.div_(e @ ones)
+        return torch.div(e, e @ ones, out=out)
 
-    q = normalise(base.clone())
-    energy = torch.empty_like(q)
-    for _ in range(iterations):
-        first = True
-        for kernel, w in active:
-            if first:
-                torch.add(base, kernel.apply(q), alpha=w, out=energy)
-                first = False
-            else:
-                energy.add_(kernel.apply(q), alpha=w)
-        if first:
-            energy.copy_(base)
-        q, energy = normalise(energy), q
+    energy = base.clone()
+    if iterations == 0 or not active:
+        return normalise(energy, energy)
+    p = log_p.shape[0]
+    # A positional kernel shared by a batch becomes one block per image, so that one gather
+    # slices every kernel (the same filter: the blocks are independent).
+    active = [(k if k.lattice.batch * k.lattice.num_points == p else k.repeated(p // k.lattice.num_points), w)
+              for k, w in active]
+    messages = _SummedMessages(active, log_p.dtype, log_p.shape[1])
+    q = normalise(energy, torch.empty_like(energy, dtype=messages.dtype))
+    for it in range(iterations):
+        torch.add(base, messages(q), out=energy)
+        q = normalise(energy, energy if it == iterations - 1 else q)
     return q
 
 
@@ -242,6 +290,8 @@ class DenseCRF:
         batch, and the last one is kept for the next call of the same size.
         """
         b, h, w, _ = image.shape
+        if image.device.type == "cpu":
+            _tune_malloc()
         key = (h, w, float(self.pos_xy_std), image.device, self.lattice_fp16)
         cached = self._pos_cache.get(key) if self.cache_positional else None
         bilateral = bilateral_features(image, self.bi_xy_std, self.bi_rgb_std)
@@ -253,9 +303,6 @@ class DenseCRF:
                 future = side.submit(DenseKernel, positional, self.lattice_fp16)
                 bi_kernel = DenseKernel(bilateral, self.lattice_fp16)
                 cached = future.result()
-                # The side thread's scratch sits in its own malloc arena, which the main
-                # thread's iteration buffers cannot reuse: give it back.
-                _release_free_heap()
             else:
                 cached = DenseKernel(positional, self.lattice_fp16)
                 bi_kernel = DenseKernel(bilateral, self.lattice_fp16)
@@ -317,9 +364,6 @@ class DenseCRF:
                 log_p = log_p.clamp_(self.clip, 1.0).log_()
                 q = _mean_field_inference(log_p, kernels, [float(x) for x in weights], self.iterations)
         q = q.reshape(b, h, w, c).permute(0, 3, 1, 2)
-        if work.device.type == "cpu":
-            del kernels, log_p
-            _release_free_heap()
         if not batched:
             q = q[0]
         if is_numpy:
@@ -336,31 +380,63 @@ def _side_thread() -> ThreadPoolExecutor | None:
         return None
     if not _SIDE:
         # One torch thread inside it: the main thread's OpenMP team keeps the other core.
-        _SIDE.append(ThreadPoolExecutor(1, thread_name_prefix="deeplab-crf", initializer=torch.set_num_threads,
-                                        initargs=(1,)))
+        side = ThreadPoolExecutor(1, thread_name_prefix="deeplab-crf", initializer=torch.set_num_threads,
+                                  initargs=(1,))
+        mallopt = _glibc_mallopt()
+        if mallopt is not None:
+            # glibc gives a thread its own arena at its first malloc and keeps it: started under
+            # an arena limit of 1, the side thread shares the main heap, whose freed blocks the
+            # iterations reuse (its own arena held ~15-40 MB more at the peak). 0 restores the
+            # default limit for threads started later.
+            mallopt(_M_ARENA_MAX, 1)
+            try:
+                side.submit(lambda: None).result()
+            finally:
+                mallopt(_M_ARENA_MAX, 0)
+        _SIDE.append(side)
     return _SIDE[0]
 
 
-_LIBC: list = []
+# mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_MALLOPT: list = []
 
 
-def _release_free_heap() -> None:
-    """Hand freed scratch (tens of MB) back to the OS (glibc only); called after the build and a call.
+def _glibc_mallopt():
+    """glibc's ``mallopt``, or None (another libc, or ``DEEPLAB_CRF_MALLOC=default``)."""
+    if not _MALLOPT:
+        mallopt = None
+        if os.environ.get("DEEPLAB_CRF_MALLOC", "").lower() != "default":
+            try:
+                import ctypes
 
-    The build and the iterations free many 5-20 MB temporaries of different sizes; glibc keeps
-    them in its heap, where later buffers cannot always reuse them, so the peak RSS grew by
-    60-150 MB over a few calls on a 500x375 image. ``malloc_trim`` only releases free memory.
+                mallopt = ctypes.CDLL("libc.so.6").mallopt
+            except (OSError, AttributeError):
+                pass
+        _MALLOPT.append(mallopt)
+    return _MALLOPT[0]
+
+
+_MALLOC_TUNED: list[bool] = []
+
+
+def _tune_malloc() -> None:
+    """Let glibc keep the CRF's freed buffers for the next call instead of returning them (once).
+
+    Why: a call on a 500x375 image allocates and frees ~200 MB of 5-20 MB buffers. By default
+    glibc maps large blocks afresh and trims its heap, so every call took ~55,000 page faults
+    (0.14 s of kernel time, 15 % of the call's CPU time) to get the same memory back.
+    Serving blocks under 32 MB from the heap and trimming only above 256 MB of free space
+    removes the faults after the first call. Process-wide, as any malloc setting is;
+    ``DEEPLAB_CRF_MALLOC=default`` leaves glibc's settings alone.
     """
-    if not _LIBC:
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6")
-            _LIBC.append(libc.malloc_trim)
-        except (OSError, AttributeError):
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED.append(True)
+    mallopt = _glibc_mallopt()
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value
+        mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
 
 def _check_inputs(image: np.ndarray | Tensor, probs: np.ndarray | Tensor) -> tuple[Tensor, Tensor, bool]:

@@ -136,40 +136,62 @@ class LatticeFilter:
     ) -> None:
         self.lattice = lattice
         self.fp16 = fp16
-        lat = lattice
         self.symmetric = splat_scale is None and slice_scale is None
-        self._scales = (splat_scale, slice_scale)
-        splat_w = lat._splat_bary
-        slice_w = lat._slice_bary * lat.alpha
-        if splat_scale is not None:
-            splat_w = splat_w * splat_scale.reshape(-1)[lat._splat_idx.long()]
-        if slice_scale is not None:
-            slice_w = slice_w * slice_scale.reshape(-1, 1)
         if splat_scale is not None and slice_scale is not None:
             self.symmetric = bool(torch.equal(splat_scale, slice_scale))
-        self._w = {torch.float32: (splat_w, lat._blur_w, slice_w)}
+        self._scales = (splat_scale, slice_scale)
+        self._w: dict[tuple[str, torch.dtype], Tensor] = {}
 
     def transposed(self) -> LatticeFilter:
         """The transposed filter (the scalings swapped; run it with the blur order reversed)."""
         splat_scale, slice_scale = self._scales
         return LatticeFilter(self.lattice, slice_scale, splat_scale, self.fp16)
 
-    def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        if dtype not in self._w:
-            splat_w, blur_w, slice_w = self._w[torch.float32]
-            self._w[dtype] = (splat_w.to(dtype), blur_w.to(dtype), slice_w.to(dtype))
-        return self._w[dtype]
-
-    def _run(self, x: Tensor, reverse: bool) -> Tensor:
+    def _float32_weight(self, kind: str) -> Tensor:
+        """The splat, blur or slice gather weights, float32, with the scalings folded in."""
         lat = self.lattice
-        half = self.fp16 and x.dtype == torch.float32
-        splat_w, blur_w, slice_w = self._weights(torch.float16 if half else x.dtype)
-        v = F.embedding_bag(lat._splat_idx, x.half() if half else x, lat._splat_off, mode="sum", per_sample_weights=splat_w)
+        splat_scale, slice_scale = self._scales
+        if kind == "blur":
+            return lat._blur_w
+        if kind == "splat":
+            w = lat._splat_bary
+            return w if splat_scale is None else w * splat_scale.reshape(-1)[lat._splat_idx.long()]
+        w = lat._slice_bary * lat.alpha
+        return w if slice_scale is None else w * slice_scale.reshape(-1, 1)
+
+    def _weight(self, kind: str, dtype: torch.dtype) -> Tensor:
+        """``_float32_weight`` in ``dtype``, made on first use: fp16 iterations keep no float32 copy."""
+        key = (kind, dtype)
+        if key not in self._w:
+            self._w[key] = self._float32_weight(kind).to(dtype)
+        return self._w[key]
+
+    def value_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype values of ``dtype`` pass through the lattice as (float16 for fp16 float32)."""
+        return torch.float16 if self.fp16 and dtype == torch.float32 else dtype
+
+    def splat_blur(self, x: Tensor, reverse: bool = False) -> Tensor:
+        """The (M+1, C) blurred lattice values of ``x`` (P, C), already in ``value_dtype``."""
+        lat = self.lattice
+        splat_w, blur_w = self._weight("splat", x.dtype), self._weight("blur", x.dtype)
+        v = F.embedding_bag(lat._splat_idx, x, lat._splat_off, mode="sum", per_sample_weights=splat_w)
         order = range(lat.dim, -1, -1) if reverse else range(lat.dim + 1)
         for j in order:
             v = F.embedding_bag(lat._blur_idx[j], v, lat._blur_off, mode="sum", per_sample_weights=blur_w)
+        return v
+
+    def slice_operands(self) -> tuple[Tensor, Tensor]:
+        """The slice as (P, d+1) vertex indices and weights (scalings folded in; not kept)."""
+        d1 = self.lattice.dim + 1
+        return self.lattice._slice_idx.reshape(-1, d1), self._float32_weight("slice")
+
+    def _run(self, x: Tensor, reverse: bool) -> Tensor:
+        lat = self.lattice
+        dtype = self.value_dtype(x.dtype)
+        v = self.splat_blur(x.to(dtype), reverse)
+        slice_w = self._weight("slice", dtype)
         out = F.embedding_bag(lat._slice_idx, v, lat._slice_off, mode="sum", per_sample_weights=slice_w.reshape(-1))
-        return out.float() if half else out
+        return out.to(x.dtype)
 
     def __call__(self, values: Tensor, reverse: bool = False) -> Tensor:
         """Filter ``values`` of shape (P, C) with P = B*N, float32 or float64."""
@@ -284,6 +306,33 @@ class PermutohedralLattice:
         self._blur_idx = self._blur_idx.reshape(d1, 3 * (m + 1))
         self._blur_off = torch.arange(0, 3 * (m + 1), 3, dtype=idx_dtype, device=dev)
         self._blur_w = torch.tensor([0.5, 1.0, 0.5], dtype=torch.float32, device=dev).repeat(m + 1)
+
+    def repeat(self, copies: int) -> PermutohedralLattice:
+        """This lattice for ``copies`` images with the same features, without a rebuild.
+
+        The result holds ``copies`` independent blocks (each with its own zero row), as if the
+        features had been batched: the same filter as building on the repeated features.
+        """
+        if self.batch != 1:
+            raise ValueError(f"only a single-image lattice can be repeated, this one has {self.batch} images")
+        rep = object.__new__(PermutohedralLattice)
+        rep.__dict__.update(self.__dict__)
+        rows, n, d1 = self.num_vertices + 1, self.num_points, self.dim + 1
+        k = torch.arange(copies, device=self.device, dtype=self._slice_idx.dtype)[:, None]
+        rep.batch = copies
+        rep.num_vertices = copies * rows - 1  # the last block's zero row is the lattice's
+        rep._slice_idx = (self._slice_idx[None] + k * rows).reshape(-1)
+        rep._slice_off = torch.arange(0, copies * n * d1, d1, dtype=self._slice_off.dtype, device=self.device)
+        rep._slice_bary = self._slice_bary.repeat(copies, 1)
+        rep._splat_idx = (self._splat_idx[None] + k.to(self._splat_idx.dtype) * n).reshape(-1)
+        rep._splat_bary = self._splat_bary.repeat(copies)
+        # Block b's M+1 bags start after the b earlier blocks' n * d1 entries (its zero row's bag
+        # is empty: it starts where block b+1's first bag does).
+        rep._splat_off = (self._splat_off[None] + k.to(self._splat_off.dtype) * (n * d1)).reshape(-1)
+        rep._blur_idx = (self._blur_idx[:, None] + k.to(self._blur_idx.dtype)[None] * rows).reshape(d1, -1)
+        rep._blur_off = torch.arange(0, 3 * copies * rows, 3, dtype=self._blur_off.dtype, device=self.device)
+        rep._blur_w = self._blur_w.repeat(copies)
+        return rep
 
     def filter(self, values: Tensor, reverse: bool = False) -> Tensor:
         """Gaussian-filter ``values`` (``(N, C)``, ``(B, N, C)`` or ``(B*N, C)``; float32/64).
