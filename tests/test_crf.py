@@ -379,3 +379,18 @@ def test_bad_parameters():
         DenseCRF(iterations=-1)
     with pytest.raises(ValueError, match="pos_w"):
         DenseCRF(pos_w=float("nan"))
+
+
+def test_malloc_tuning_can_be_turned_off(monkeypatch):
+    """``DEEPLAB_CRF_MALLOC=default`` leaves glibc's settings alone (no mallopt handle)."""
+    from deeplab.crf import dense_crf
+
+    monkeypatch.setattr(dense_crf, "_MALLOPT", [])
+    monkeypatch.setenv("DEEPLAB_CRF_MALLOC", "default")
+    assert dense_crf._glibc_mallopt() is None
+    monkeypatch.setattr(dense_crf, "_MALLOPT", [])
+    monkeypatch.delenv("DEEPLAB_CRF_MALLOC")
+    import ctypes.util
+
+    if ctypes.util.find_library("c") and "libc.so.6" in (ctypes.util.find_library("c") or ""):
+        assert dense_crf._glibc_mallopt() is not None
