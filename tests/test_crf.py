@@ -385,10 +385,10 @@ def test_malloc_tuning_can_be_turned_off(monkeypatch):
     """``DEEPLAB_CRF_MALLOC=default`` leaves glibc's settings alone (no mallopt handle)."""
     from deeplab.crf import dense_crf
 
-    monkeypatch.setattr(dense_crf, "_MALLOPT", [])
+    dense_crf._glibc_mallopt.cache_clear()
     monkeypatch.setenv("DEEPLAB_CRF_MALLOC", "default")
     assert dense_crf._glibc_mallopt() is None
-    monkeypatch.setattr(dense_crf, "_MALLOPT", [])
+    dense_crf._glibc_mallopt.cache_clear()
     monkeypatch.delenv("DEEPLAB_CRF_MALLOC")
     import ctypes.util
 

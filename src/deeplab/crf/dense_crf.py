@@ -9,6 +9,7 @@ Semantics are those of pydensecrf's ``DenseCRF2D`` with ``unary_from_softmax(pro
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -78,7 +79,7 @@ class DenseKernel:
         rep.lattice = self.lattice.repeat(copies)
         rep.norm = self.norm.repeat(copies, 1)
         rep._filter = LatticeFilter(rep.lattice, rep.norm, rep.norm, self._filter.fp16)
-        rep._row_bound = None if self._row_bound is None else self._row_bound.repeat(copies, 1)
+        rep._row_bound = self.row_bound().repeat(copies, 1)  # one image's filter pass, not B
         return rep
 
     def row_bound(self) -> Tensor:
@@ -189,15 +190,17 @@ def _mean_field_inference(log_p: Tensor, kernels: Sequence[DenseKernel], weights
     written straight in the lattices' value dtype (float16 with ``lattice_fp16``), the only
     form the filters read; the last iteration's Q is float32.
     """
-    active = [(k, w) for k, w in zip(kernels, weights) if w != 0]
     log_p = log_p.contiguous()
+    p = log_p.shape[0]
+    # A positional kernel shared by a batch becomes one block per image, so that one gather
+    # slices every kernel (the same filter: the blocks are independent).
+    active = [(k if k.lattice.batch * k.lattice.num_points == p else k.repeated(p // k.lattice.num_points), w)
+              for k, w in zip(kernels, weights) if w != 0]
     top = log_p.amax(1, keepdim=True)
     upper = top.clone()
     gap = torch.zeros_like(top)
     for kernel, w in active:
         bound = kernel.row_bound().to(log_p.dtype)
-        if bound.shape[0] != upper.shape[0]:  # a kernel shared by the batch
-            bound = bound.repeat(upper.shape[0] // bound.shape[0], 1)
         if w > 0:
             upper.add_(bound, alpha=w)
         gap.add_(bound, alpha=abs(w))
@@ -216,11 +219,6 @@ def _mean_field_inference(log_p: Tensor, kernels: Sequence[DenseKernel], weights
     energy = base.clone()
     if iterations == 0 or not active:
         return normalise(energy, energy)
-    p = log_p.shape[0]
-    # A positional kernel shared by a batch becomes one block per image, so that one gather
-    # slices every kernel (the same filter: the blocks are independent).
-    active = [(k if k.lattice.batch * k.lattice.num_points == p else k.repeated(p // k.lattice.num_points), w)
-              for k, w in active]
     messages = _SummedMessages(active, log_p.dtype, log_p.shape[1])
     q = normalise(energy, torch.empty_like(energy, dtype=messages.dtype))
     for it in range(iterations):
@@ -399,27 +397,22 @@ def _side_thread() -> ThreadPoolExecutor | None:
 
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-_MALLOPT: list = []
 
 
+@functools.cache
 def _glibc_mallopt():
     """glibc's ``mallopt``, or None (another libc, or ``DEEPLAB_CRF_MALLOC=default``)."""
-    if not _MALLOPT:
-        mallopt = None
-        if os.environ.get("DEEPLAB_CRF_MALLOC", "").lower() != "default":
-            try:
-                import ctypes
+    if os.environ.get("DEEPLAB_CRF_MALLOC", "").lower() == "default":
+        return None
+    try:
+        import ctypes
 
-                mallopt = ctypes.CDLL("libc.so.6").mallopt
-            except (OSError, AttributeError):
-                pass
-        _MALLOPT.append(mallopt)
-    return _MALLOPT[0]
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
 
 
-_MALLOC_TUNED: list[bool] = []
-
-
+@functools.cache
 def _tune_malloc() -> None:
     """Let glibc keep the CRF's freed buffers for the next call instead of returning them (once).
 
@@ -430,9 +423,6 @@ def _tune_malloc() -> None:
     removes the faults after the first call. Process-wide, as any malloc setting is;
     ``DEEPLAB_CRF_MALLOC=default`` leaves glibc's settings alone.
     """
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED.append(True)
     mallopt = _glibc_mallopt()
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value
