@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("src", type=Path, help="the run's weights (best.safetensors)")
     parser.add_argument("--dst", type=Path, default=DEFAULT_DST)
     parser.add_argument("--output-stride", type=int, default=None, help="output stride at inference")
+    parser.add_argument("--input-scale", type=float, default=None,
+                        help="the factor images are resized by for the network (the scale trained at)")
     parser.add_argument("--crf-json", type=Path, help="'deeplab crf-search --json' output (its best setting)")
     parser.add_argument("--record", type=Path, help="JSON merged into the metadata under 'record'")
     parser.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
@@ -61,6 +63,8 @@ def main() -> int:
     state = half_state_dict(state)
     if args.output_stride:
         meta["model_kwargs"] = {**meta.get("model_kwargs", {}), "output_stride": args.output_stride}
+    if args.input_scale:
+        meta["input_scale"] = args.input_scale
     if args.crf_json:
         meta["crf"] = json.loads(args.crf_json.read_text())["best"]
     if args.record:

@@ -340,6 +340,34 @@ def test_gradcheck_probs_and_weights(one_thread):
     assert float(bi_w.grad.abs()) > 0 and float(pos_w.grad.abs()) > 0 and float(probs.grad.abs().sum()) > 0
 
 
+def test_batch_gradient_through_a_shared_positional_kernel_equals_per_image(one_thread):
+    """The autograd path repeats the batch-shared positional kernel like the no-grad path."""
+    rng = np.random.default_rng(1)
+    images = torch.from_numpy(rng.integers(0, 256, (2, 6, 7, 3), dtype=np.uint8))
+    probs = torch.softmax(torch.from_numpy(rng.normal(0, 1, (2, 3, 6, 7))), 1)
+    bi_w = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    crf = DenseCRF(bi_w=bi_w, pos_w=3.0, bi_xy_std=3.0, bi_rgb_std=20.0, iterations=3)
+    pos_kernel = crf.kernels(images)[0]
+    assert pos_kernel.lattice.batch == 1  # the batch shares one positional lattice
+    r = torch.from_numpy(rng.normal(0, 1, (2, 3, 6, 7)))
+    batch_p = probs.clone().requires_grad_(True)
+    batch_out = crf(images, batch_p)
+    (batch_out * r).sum().backward()
+    batch_w_grad = float(bi_w.grad)
+    w_grad = 0.0
+    for i in range(2):
+        bi_w.grad = None
+        p = probs[i].clone().requires_grad_(True)
+        out = crf(images[i], p)
+        torch.testing.assert_close(out, batch_out[i].detach())
+        (out * r[i]).sum().backward()
+        torch.testing.assert_close(p.grad, batch_p.grad[i])
+        w_grad += float(bi_w.grad)
+    assert batch_w_grad == pytest.approx(w_grad, rel=1e-9)
+    with pytest.raises(ValueError, match="points do not fit"):
+        pos_kernel.apply(torch.zeros(43, 3, dtype=torch.float64))
+
+
 def test_lattice_backward_is_the_transpose(one_thread):
     torch.manual_seed(0)
     f = torch.rand(40, 5) * 3

@@ -163,3 +163,59 @@ def test_labels_from_logits_is_the_argmax_of_the_upsampled_logits():
     img = np.zeros((33, 49, 3), np.uint8)
     lab, probs = finish_prediction(logits[:1], img, want_probs=True)
     assert torch.equal(lab, labels[0]) and probs.dtype == torch.float16
+
+
+def test_input_scale_runs_the_network_on_the_resized_image(m32):
+    img = _image(30, 40, seed=8)
+    logits = predict_logits(m32, img, normalization=CAFFE, precision="fp32", input_scale=1.5)
+    # Reference by hand: Caffe normalisation, bilinear resize at pixel centres, the network.
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float().flip(1)
+    x = x - torch.tensor(CAFFE["mean"]).view(1, 3, 1, 1)
+    x = torch.nn.functional.interpolate(x, size=(45, 60), mode="bilinear", align_corners=False)
+    with torch.inference_mode():
+        expected = m32(x.contiguous(memory_format=torch.channels_last)).float()
+    assert logits.shape == expected.shape == (1, 5, 6, 8)  # 45x60 at stride 8, not 30x40's 4x5
+    assert torch.allclose(logits, expected, atol=1e-4)
+    probs = predict_probs(m32, img, normalization=CAFFE, precision="fp32", input_scale=1.5)
+    assert probs.shape == (1, 5, 30, 40)  # back at the image's size
+    assert torch.allclose(probs, torch.softmax(upsample_logits(expected, (30, 40)), 1), atol=1e-5)
+    with pytest.raises(ValueError, match="input_scale"):
+        predict_logits(m32, img, normalization=CAFFE, input_scale=0)
+
+
+def test_input_scale_keeps_labels_in_place_and_meets_the_cap():
+    # A colour oracle is resolution-free: upscaled 2x its labels, brought back, are the truth
+    # except next to the quadrant boundaries (a misaligned resize would move whole columns).
+    labels = np.zeros((40, 64), np.int64)
+    labels[:20, 32:], labels[20:, :32], labels[20:, 32:] = 1, 2, 3
+    img = PALETTE[labels]
+    p = predict_probs(ColourOracle().eval(), img, normalization=CAFFE, precision="fp32", input_scale=2.0)
+    assert p.shape == (1, 4, 40, 64)
+    assert (p.argmax(1)[0].numpy() == labels).mean() > 0.97
+    notices = []
+    predict_probs(ColourOracle().eval(), img, normalization=CAFFE, precision="fp32", input_scale=2.0,
+                  max_pixels=4000, notice=notices.append)  # 128x80 = 10240 pixels after the scale
+    assert len(notices) == 1 and "input scale 2" in notices[0]
+
+
+def test_input_scale_comes_from_the_weights_metadata(tmp_path):
+    from _evaluation_helpers import tiny_weights
+    import deeplab
+    from deeplab.engine.segment import load_bundle
+    from deeplab.weights import read_metadata, save_state_dict
+    from deeplab.weights.loading import read_state_dict
+
+    plain = tiny_weights(tmp_path / "plain.safetensors")
+    state, _, _ = read_state_dict(plain)
+    scaled = tmp_path / "scaled.safetensors"
+    save_state_dict(state, scaled, {**read_metadata(plain), "input_scale": 2.0})
+    assert load_bundle(plain).input_scale == 1.0 and load_bundle(scaled).input_scale == 2.0
+    img = _image(40, 48, seed=9)
+    by_meta, _ = deeplab.segment(img, weights=scaled)
+    by_arg, _ = deeplab.segment(img, weights=plain, input_scale=2.0)
+    unscaled, _ = deeplab.segment(img, weights=plain)
+    assert np.array_equal(by_meta, by_arg)
+    assert not np.array_equal(by_meta, unscaled)  # the scale changed what the network saw
+    for bad in (0, -1.5, "2", True):
+        with pytest.raises(ValueError, match="input_scale"):
+            save_state_dict(state, tmp_path / "bad.safetensors", {"input_scale": bad})

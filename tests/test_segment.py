@@ -153,6 +153,33 @@ def test_usage_errors(tmp_path, weights, images, capsys):
     with pytest.raises(SystemExit) as e:
         main(["segment", str(paths[0]), "--out", out, "--msc", "0.5,x"])
     assert e.value.code == 2
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["segment", str(paths[0]), "--out", out, "--input-scale", bad])
+        assert e.value.code == 2
+        assert "--input-scale" in capsys.readouterr().err
+
+
+def test_input_scale_flag_matches_the_python_api_and_eval(tmp_path, weights, images):
+    import json
+
+    import deeplab
+
+    folder, paths, ds = images
+    out = tmp_path / "o"
+    assert main(["segment", str(paths[0]), "--out", str(out), "--weights", str(weights),
+                 "--input-scale", "1.5"]) == 0
+    labels, _ = deeplab.segment(paths[0], weights=weights, input_scale=1.5)
+    assert np.array_equal(labels, _labels(out / f"{ds.ids[0]}.png"))
+    plain, _ = deeplab.segment(paths[0], weights=weights)
+    assert not np.array_equal(labels, plain)
+    from deeplab.engine.evaluate import evaluate
+    from deeplab.weights import build_from_weights
+
+    model, _ = build_from_weights(weights)
+    r = evaluate(model, ds, normalization=CAFFE, keep_examples=len(ds), input_scale=1.5)
+    pred = {e["id"]: e["pred"] for e in r["examples"]["best"]}[ds.ids[0]]
+    assert np.array_equal(pred, labels)
 
 
 def test_glob_and_batches_with_duplicate_stems(tmp_path, weights, images):

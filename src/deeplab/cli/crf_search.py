@@ -45,7 +45,7 @@ def parse_range(text: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deeplab.cli.segment import parse_scales
+    from deeplab.cli.segment import add_input_scale_argument, parse_scales
 
     parser.add_argument("--dataset", required=True, help="data set name")
     parser.add_argument("--data-root", required=True, type=Path, help="the data set's root folder")
@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="expected model name (checked against the weights)")
     parser.add_argument("--msc", type=parse_scales, default=None, metavar="S1,S2",
                         help="extra input scales when computing probabilities")
+    add_input_scale_argument(parser)
     parser.add_argument("--flip", action="store_true", help="flip averaging when computing probabilities")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                         help="network precision when computing probabilities")
@@ -171,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         for i in tqdm(range(n), desc="probabilities", unit="img", file=sys.stderr):
             image, mask = dataset[i]
             probs = predict_probs(bundle.model, image, normalization=bundle.normalization,
-                                  msc_scales=args.msc, flip=args.flip, precision=args.precision)
+                                  msc_scales=args.msc, flip=args.flip, precision=args.precision,
+                                  input_scale=args.input_scale or bundle.input_scale)
             samples.append((image, probs[0].to(torch.float16).cpu(), mask))
         source = f"computed with {bundle.name} ({args.weights or 'default weights'})"
 

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deeplab.cli.segment import check_writable, parse_scales
+from deeplab.cli.segment import add_input_scale_argument, check_writable, parse_scales
 
 
 def parse_crf_params(text: str | None) -> dict[str, float]:
@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="expected model name (checked against the weights' metadata)")
     parser.add_argument("--msc", type=parse_scales, default=None, metavar="S1,S2",
                         help="extra input scales fused by a max, e.g. 0.5,0.75")
+    add_input_scale_argument(parser)
     parser.add_argument("--flip", action="store_true", help="average with the mirrored image")
     parser.add_argument("--crf", action="store_true", help="refine with the fully connected CRF")
     parser.add_argument("--crf-params", default=None, metavar="K=V,...",
@@ -192,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             seen.add(msg)
             print(f"notice: {msg}", file=sys.stderr)
 
+    input_scale = args.input_scale or bundle.input_scale
     try:
         result = evaluate(
             bundle.model, dataset, normalization=bundle.normalization, msc_scales=args.msc,
@@ -199,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             overlap=args.overlap, crf=crf,
             save_probs=args.save_probs, limit=args.limit, device=device, optimize=False,
             num_workers=args.workers, keep_examples=3 if args.report else 0,
-            progress=main, notice=notice,
+            progress=main, notice=notice, input_scale=input_scale,
         )
     except ValueError as e:  # a bad sample (size mismatch, labels out of range)
         cleanup()
@@ -217,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         "model": bundle.name,
         "weights": str(args.weights) if args.weights else "default",
         "msc_scales": list(args.msc) if args.msc else None,
+        "input_scale": input_scale,
         "flip": args.flip,
         "crf": crf_params if args.crf else None,
         "sliding_window": args.sliding_window,

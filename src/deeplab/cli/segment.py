@@ -42,6 +42,23 @@ def parse_scales(text: str | None) -> tuple[float, ...] | None:
     return tuple(s for s in scales if s != 1.0) or None
 
 
+def _positive_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--input-scale {text!r}: expected a positive number such as 1.5")
+    return value
+
+
+def add_input_scale_argument(parser: argparse.ArgumentParser) -> None:
+    """``--input-scale``, shared by segment, eval and crf-search (None: the weights' own)."""
+    parser.add_argument("--input-scale", type=_positive_scale, default=None, metavar="S",
+                        help="resize images by S for the network (the output stays full size); "
+                        "unset: the weights' input_scale, else 1")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                         help="image files, folders of images or glob patterns")
@@ -53,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crf", action="store_true", help="refine with the fully connected CRF")
     parser.add_argument("--msc", type=parse_scales, default=None, metavar="S1,S2",
                         help="extra input scales fused by a max, e.g. 0.5,0.75")
+    add_input_scale_argument(parser)
     parser.add_argument("--flip", action="store_true", help="also average the mirrored image")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
@@ -182,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
         logits = predict_logits(
             bundle.model, batch, normalization=bundle.normalization, msc_scales=args.msc,
             flip=args.flip, precision=args.precision, max_pixels=max_pixels, notice=notice,
+            input_scale=args.input_scale or bundle.input_scale,
         )
         for k, (path, stem, img) in enumerate(group):
             labels, probs = finish_prediction(logits[k : k + 1], img, crf=crf,

@@ -82,6 +82,22 @@ class DenseKernel:
         rep._row_bound = self.row_bound().repeat(copies, 1)  # one image's filter pass, not B
         return rep
 
+    def for_points(self, points: int) -> DenseKernel:
+        """The kernel for ``points`` values: itself, or (shared by a batch) its repetition.
+
+        A repetition is made per call and not kept: the cached positional kernel of a
+        ``DenseCRF`` would otherwise hold B copies of its slice operands between calls.
+        """
+        p = self.lattice.batch * self.lattice.num_points
+        if points == p:
+            return self
+        if self.lattice.batch == 1 and points > 0 and points % p == 0:
+            return self.repeated(points // p)
+        raise ValueError(
+            f"{points} points do not fit a kernel built on {self.lattice.batch} x "
+            f"{self.lattice.num_points} points"
+        )
+
     def row_bound(self) -> Tensor:
         """(B*N, 1) bound ``norm * K (norm * 1)`` on ``apply(q)`` for any q in [0, 1] (K >= 0)."""
         if self._row_bound is None:
@@ -90,15 +106,9 @@ class DenseKernel:
 
     def apply(self, q: Tensor) -> Tensor:
         """Filter ``q`` of shape (P, C), P = B*N points (or any multiple of N when B = 1)."""
-        p = self.lattice.batch * self.lattice.num_points
-        if q.shape[0] == p:
-            return self._filter(q)
-        if self.lattice.batch == 1 and q.dim() == 2 and q.shape[0] % p == 0:
-            # Shared lattice: filter the batch as extra channels, (B*N, C) -> (N, B*C).
-            b, c = q.shape[0] // p, q.shape[1]
-            out = self._filter(q.reshape(b, p, c).transpose(0, 1).reshape(p, b * c))
-            return out.reshape(p, b, c).transpose(0, 1).reshape(b * p, c)
-        raise ValueError(f"q {tuple(q.shape)} does not fit a kernel built on {self.lattice.batch} x {p // self.lattice.batch} points")
+        if q.dim() != 2:
+            raise ValueError(f"q must be (P, C), got shape {tuple(q.shape)}")
+        return self.for_points(q.shape[0])._filter(q)
 
 
 def mean_field(
@@ -130,6 +140,7 @@ def mean_field(
     if not needs_grad:
         with torch.no_grad():
             return _mean_field_inference(log_p, kernels, [float(w) for w in weights], iterations)
+    kernels = [k.for_points(log_p.shape[0]) for k in kernels]  # once, not every iteration
     q = torch.softmax(log_p, dim=1)
     for _ in range(iterations):
         energy = log_p
@@ -194,8 +205,7 @@ def _mean_field_inference(log_p: Tensor, kernels: Sequence[DenseKernel], weights
     p = log_p.shape[0]
     # A positional kernel shared by a batch becomes one block per image, so that one gather
     # slices every kernel (the same filter: the blocks are independent).
-    active = [(k if k.lattice.batch * k.lattice.num_points == p else k.repeated(p // k.lattice.num_points), w)
-              for k, w in zip(kernels, weights) if w != 0]
+    active = [(k.for_points(p), w) for k, w in zip(kernels, weights) if w != 0]
     top = log_p.amax(1, keepdim=True)
     upper = top.clone()
     gap = torch.zeros_like(top)

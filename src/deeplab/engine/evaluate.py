@@ -106,6 +106,7 @@ def evaluate(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool = False,
     notice: Callable[[str], None] | None = None,
+    input_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on every (image, mask) pair of ``dataset`` at full resolution.
 
@@ -135,6 +136,7 @@ def evaluate(
         max_pixels: inference size cap (see ``predict_probs``).
         progress: show a progress bar (on the main process only).
         notice: receives notices (e.g. a downscaled image); default ``warnings.warn``.
+        input_scale: the network sees each image resized by this factor (see ``predict_probs``).
 
     Returns:
         The metrics of :func:`deeplab.engine.metrics.metrics_from_matrix` plus ``num_images``,
@@ -194,6 +196,7 @@ def evaluate(
             overlap=overlap,
             max_pixels=max_pixels,
             notice=notice,
+            input_scale=input_scale,
         )
         sid = _sample_id(dataset, index)
         pred, probs = finish_prediction(logits, image, crf=crf, want_probs=save_probs is not None)

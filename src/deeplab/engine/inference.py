@@ -20,8 +20,13 @@ upsampled bilinearly to the image size before the argmax (or the CRF). Choices m
   pixels overlapping by ``overlap`` (1/3 by default), the image padded at the bottom/right with
   the mean (zero after normalisation) up to a window; the windows' upsampled logits are
   averaged where they overlap.
+- **Input scale** (not in the paper): the network may see the image resized by a constant
+  factor, ``input_scale``, its logits resized back to the image. A model trained on upscaled
+  crops (thin objects such as CamVid's poles span more stride-8 cells) is run at the scale it
+  was trained at; the weights' metadata says which (``input_scale``).
 - **Size cap**: an image of more than ``max_pixels`` is downscaled for the network (with a
   notice) and its logits upsampled back to the full size, so the output is always full size.
+  The cap applies to the network's input, after ``input_scale``.
 """
 
 from __future__ import annotations
@@ -231,12 +236,13 @@ def predict_logits(
     overlap: float = 1 / 3,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     notice: Callable[[str], None] | None = None,
+    input_scale: float = 1.0,
 ) -> torch.Tensor:
     """Fused fp32 logits at the working resolution (not yet upsampled to the image size).
 
     Same arguments as :func:`predict_probs`. The working resolution is the network's output
-    stride (whole-image inference) or the full image (sliding windows), possibly downscaled by
-    the size cap. Use :func:`upsample_logits` or :func:`labels_from_logits` to get to the
+    stride (whole-image inference) or the full image (sliding windows), of the image resized by
+    ``input_scale`` and possibly downscaled by the size cap. Use :func:`upsample_logits` or :func:`labels_from_logits` to get to the
     image size.
     """
     from deeplab.models import autocast
@@ -251,6 +257,8 @@ def predict_logits(
     scales = tuple(float(s) for s in (msc_scales or ()))
     if any(s <= 0 for s in scales):
         raise ValueError(f"msc_scales must be positive, got {scales}")
+    if not input_scale > 0:
+        raise ValueError(f"input_scale must be positive, got {input_scale}")
     builtin = _builtin_msc(model)
     if builtin is not None and scales:
         if set(scales) - {1.0} != set(builtin) - {1.0}:
@@ -265,18 +273,24 @@ def predict_logits(
     device = _model_device(model)
     x = _normalize_batch(batch, normalization).to(device)
     h, w = x.shape[-2:]
-    if max_pixels is not None and h * w > max_pixels:
-        f = math.sqrt(max_pixels / (h * w))
-        nh, nw = max(1, int(h * f)), max(1, int(w * f))
+    nh, nw = max(1, round(h * input_scale)), max(1, round(w * input_scale))
+    if max_pixels is not None and nh * nw > max_pixels:
+        f = math.sqrt(max_pixels / (nh * nw))
+        nh, nw = max(1, int(nh * f)), max(1, int(nw * f))
         msg = (
-            f"image of {w}x{h} pixels is above the inference cap of {max_pixels} pixels: "
+            f"image of {w}x{h} pixels is above the inference cap of {max_pixels} pixels"
+            f"{f' at input scale {input_scale:g}' if input_scale != 1.0 else ''}: "
             f"running the network at {nw}x{nh} and upsampling the result"
         )
         if notice is None:
             warnings.warn(msg, InferenceNotice, stacklevel=2)
         else:
             notice(msg)
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    if (nh, nw) != (h, w):
+        # Bilinear at pixel centres, as Pillow's resize of the training crops (RandomScale).
+        x = F.interpolate(
+            x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=nh * nw < h * w
+        )
     if _is_channels_last(model):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(device, precision):
@@ -304,6 +318,7 @@ def predict_probs(
     overlap: float = 1 / 3,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     notice: Callable[[str], None] | None = None,
+    input_scale: float = 1.0,
 ) -> torch.Tensor:
     """Softmax probabilities (B,C,H,W) fp32 at the full image size, on the model's device.
 
@@ -319,6 +334,8 @@ def predict_probs(
         overlap: fraction of a window shared with its neighbour.
         max_pixels: images above this many pixels are downscaled for the network (None: no cap).
         notice: called with a message when the cap applies (default: ``warnings.warn``).
+        input_scale: the network sees the image resized by this factor (the weights'
+            ``input_scale``: the scale the model was trained at); the output stays full size.
     """
     batch = _to_batch(image)
     logits = predict_logits(
@@ -332,6 +349,7 @@ def predict_probs(
         overlap=overlap,
         max_pixels=max_pixels,
         notice=notice,
+        input_scale=input_scale,
     )
     return torch.softmax(upsample_logits(logits, tuple(batch.shape[1:3])), dim=1)
 

@@ -45,6 +45,8 @@ class ModelBundle:
         palette: uint8 (num_classes, 3) RGB colours.
         normalization: the input normalisation spec.
         crf_params: ``DenseCRF`` keyword arguments stored with the weights ({} for the defaults).
+        input_scale: the factor the image is resized by for the network (the weights'
+            ``input_scale``, 1 when absent).
         precision: ``"bf16"`` or ``"fp32"``.
         device: where the model runs.
         metadata: the weights file's full metadata ({} without a file).
@@ -56,6 +58,7 @@ class ModelBundle:
     palette: np.ndarray
     normalization: dict
     crf_params: dict = field(default_factory=dict)
+    input_scale: float = 1.0
     precision: Precision = "bf16"
     device: str = "cpu"
     metadata: dict = field(default_factory=dict)
@@ -114,6 +117,7 @@ def bundle_from_model(
         palette=palette[:num_classes],
         normalization=dict(meta.get("normalization") or DEFAULT_NORMALIZATION),
         crf_params=dict(meta.get("crf") or {}),
+        input_scale=float(meta.get("input_scale") or 1.0),
         precision=precision,
         device=device,
         metadata=meta,
@@ -289,6 +293,7 @@ def segment(
     *,
     flip: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    input_scale: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Segment one image; mirrors ``deeplab segment``.
 
@@ -305,6 +310,8 @@ def segment(
         device: ``"cpu"`` or ``"cuda"``.
         flip: also average with the mirrored image.
         max_pixels: larger images are downscaled for the network (the output stays full size).
+        input_scale: resize the image by this factor for the network; None: the weights'
+            ``input_scale`` (1 when they have none).
 
     Returns:
         ``(labels, probs)``: uint8 (H,W) class indices (int32 above 256 classes) and float32
@@ -328,6 +335,7 @@ def segment(
         flip=flip,
         precision=precision,
         max_pixels=max_pixels,
+        input_scale=bundle.input_scale if input_scale is None else input_scale,
     )
     size = img.shape[:2]
     if crf:

@@ -37,6 +37,7 @@ METADATA_KEYS = (
     "normalization",
     "model_kwargs",
     "crf",
+    "input_scale",
 )
 # safetensors' own convention: tools such as transformers read this key.
 _FORMAT_KEY = "format"
@@ -105,6 +106,9 @@ def _validate_metadata(meta: Mapping[str, Any]) -> None:
             raise ValueError(f"metadata {key} must be a list, got {type(value).__name__}")
         if n is not None and len(value) != n:
             raise ValueError(f"metadata {key} has {len(value)} entries but num_classes is {n}")
+    scale = meta.get("input_scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+        raise ValueError(f"metadata input_scale must be a positive number, got {scale!r}")
     palette = meta.get("palette")
     if palette is not None:
         for rgb in palette:
