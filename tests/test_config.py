@@ -44,6 +44,7 @@ def test_unknown_top_level_key():
         ({"data": {"class_weights": "inverse"}}, "data.class_weights"),
         ({"data": {"normalization": {"mode": "rgb", "mean": [0, 0, 0]}}}, "data.normalization"),
         ({"data": {"crop_size": [321]}}, "data.crop_size"),
+        ({"data": {"color_jitter": 1.0}}, "data.color_jitter"),
     ],
 )
 def test_bad_values_name_the_key(data, where):

@@ -229,3 +229,47 @@ def test_focus_prob_zero_draws_the_papers_crops():
         np.testing.assert_array_equal(a(image, mask)[0], b(image, mask)[0])
     with pytest.raises(ValueError, match="focus_prob"):
         T.RandomCrop(21, focus_classes=[1], focus_prob=1.5)
+
+
+def _jitter_reference(image: np.ndarray, factors: list[float]) -> np.ndarray:
+    """Brightness, contrast, saturation by their definitions in float64, no Pillow.
+
+    Each step is a blend ``degenerate + f * (x - degenerate)`` truncated to an integer (as
+    Pillow's ``Image.blend``): with black, with the mean grey, with the grey image.
+    """
+    grey = lambda a: a @ np.array([0.299, 0.587, 0.114])  # ITU-R 601-2 luma, Pillow's "L"
+    x = np.clip(np.trunc(image.astype(np.float64) * factors[0]), 0, 255)
+    mean = np.floor(grey(x).mean() + 0.5)
+    x = np.clip(np.trunc(mean + factors[1] * (x - mean)), 0, 255)
+    g = np.round(grey(x))[..., None]
+    return np.clip(np.trunc(g + factors[2] * (x - g)), 0, 255)
+
+
+def test_color_jitter_matches_the_definitions_and_keeps_the_mask() -> None:
+    image = np.random.default_rng(3).integers(0, 256, size=(40, 56, 3), dtype=np.uint8)
+    mask = np.random.default_rng(4).integers(0, 5, size=(40, 56), dtype=np.uint8)
+    jitter = T.ColorJitter(0.4, generator=torch.Generator().manual_seed(7))
+    out, out_mask = jitter(image, mask)
+    replay = torch.Generator().manual_seed(7)
+    factors = [0.6 + 0.8 * float(torch.rand((), generator=replay)) for _ in range(3)]
+    assert out.dtype == np.uint8 and out.shape == image.shape and out_mask is mask
+    diff = np.abs(out.astype(np.float64) - _jitter_reference(image, factors))
+    assert diff.max() <= 1 and diff.mean() < 0.01  # 1: Pillow's integer luma, now and then
+    assert np.abs(out.astype(np.int32) - image).mean() > 5  # and it did change the image
+    same, _ = T.ColorJitter(0.0)(image, mask)
+    assert same is image
+    with pytest.raises(ValueError, match="strength"):
+        T.ColorJitter(1.0)
+    with pytest.raises(ValueError, match="uint8"):
+        T.ColorJitter(0.2)(image.astype(np.float32), mask)
+
+
+def test_color_jitter_comes_first_in_the_training_pipeline() -> None:
+    image, mask = _blocks()
+    pipeline = T.build_train_transforms(crop_size=64, color_jitter=0.3,
+                                        generator=torch.Generator().manual_seed(0))
+    assert isinstance(pipeline.transforms[0], T.ColorJitter)
+    assert not any(isinstance(t, T.ColorJitter) for t in T.build_train_transforms(crop_size=64).transforms)
+    x, y = pipeline(image, mask)
+    assert x.shape == (3, 64, 64) and y.shape == (64, 64)
+    assert set(np.unique(y.numpy())) <= set(np.unique(mask)) | {255}  # no invented labels

@@ -36,6 +36,7 @@ __all__ = [
     "Pad",
     "RandomCrop",
     "RandomHorizontalFlip",
+    "ColorJitter",
     "ToTensor",
     "Normalize",
     "normalize_image",
@@ -329,6 +330,40 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
+class ColorJitter:
+    """Random brightness, contrast and saturation of the image (not in the paper).
+
+    Each factor is drawn uniformly from ``[1 - strength, 1 + strength]`` and applied with
+    Pillow's ``ImageEnhance`` (brightness blends with black, contrast with the mean grey,
+    saturation with the grey image), in that order. The mask is untouched.
+
+    Reads: image (H, W, 3) uint8, mask (H, W). Writes: image (H, W, 3) uint8, the same mask.
+    """
+
+    def __init__(self, strength: float = 0.3, *, generator: torch.Generator | None = None):
+        if not 0.0 <= strength < 1.0:
+            raise ValueError(f"strength must be in [0, 1), got {strength}")
+        self.strength = float(strength)
+        self.generator = generator
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray | None) -> Pair:
+        _check_pair(image, mask, "ColorJitter")
+        if self.strength == 0.0:
+            return image, mask
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"ColorJitter expects a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}")
+        from PIL import ImageEnhance
+
+        pil = Image.fromarray(np.ascontiguousarray(image))
+        for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            factor = _uniform(1.0 - self.strength, 1.0 + self.strength, self.generator)
+            pil = enhancer(pil).enhance(factor)
+        return np.asarray(pil), mask
+
+    def __repr__(self) -> str:
+        return f"ColorJitter(strength={self.strength})"
+
+
 def _mask_to_tensor(mask: np.ndarray | None) -> torch.Tensor | None:
     if mask is None:
         return None
@@ -477,6 +512,7 @@ def build_train_transforms(
     generator: torch.Generator | None = None,
     focus_classes: Sequence[int] = (),
     focus_prob: float = 0.0,
+    color_jitter: float = 0.0,
 ) -> Compose:
     """The paper's training augmentation.
 
@@ -488,11 +524,16 @@ def build_train_transforms(
         ignore_index: mask padding value.
         generator: optional shared ``torch.Generator`` (default: torch's per-worker RNG).
         focus_classes / focus_prob: class-focused crops (see :class:`RandomCrop`; not in the paper).
+        color_jitter: :class:`ColorJitter` strength, 0 for none (not in the paper).
 
     Returns:
-        Compose: RandomScale -> PadToSize -> RandomCrop -> [RandomHorizontalFlip] -> Normalize.
+        Compose: [ColorJitter] -> RandomScale -> PadToSize -> RandomCrop ->
+        [RandomHorizontalFlip] -> Normalize.
     """
     steps: list[Callable[[Any, Any], Pair]] = []
+    if color_jitter:
+        # First, so that the padding added next keeps the mean colour (zero after normalisation).
+        steps.append(ColorJitter(color_jitter, generator=generator))
     if scale_range is not None:
         steps.append(RandomScale(scale_range, generator=generator))
     steps.append(PadToSize(crop_size, image_fill=mean_pixel_rgb(normalization), ignore_index=ignore_index))

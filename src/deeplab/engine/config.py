@@ -89,6 +89,8 @@ class DataConfig:
         focus_classes / focus_prob: not in the paper: with probability ``focus_prob`` a training
             crop is placed around a random pixel of one of ``focus_classes`` (class ids) present
             in the image, so thin and rare classes are seen more often (0: the paper's crops).
+        color_jitter: not in the paper: random brightness, contrast and saturation factors in
+            ``[1 - color_jitter, 1 + color_jitter]`` (0: none).
         num_workers: DataLoader worker processes per training process.
         val_max_images: validate on the first N validation images only (``null`` = all).
     """
@@ -105,6 +107,7 @@ class DataConfig:
     class_weights: str | list[float] | None = None
     focus_classes: list[int] = field(default_factory=list)
     focus_prob: float = 0.0
+    color_jitter: float = 0.0
     num_workers: int = 2
     val_max_images: int | None = None
 
@@ -294,6 +297,8 @@ def _validate(cfg: TrainConfig) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value!r}")
+    if not 0.0 <= d.color_jitter < 1.0:
+        raise ConfigError(f"data.color_jitter must be in [0, 1), got {d.color_jitter!r}")
     if not 0.0 <= d.focus_prob <= 1.0:
         raise ConfigError(f"data.focus_prob must be in [0, 1], got {d.focus_prob!r}")
     if d.focus_prob > 0 and not d.focus_classes:

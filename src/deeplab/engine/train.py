@@ -176,12 +176,13 @@ class _TrainSet(torch.utils.data.Dataset):
 
     def __init__(self, dataset: Any, *, seed: int, crop_size: int | Sequence[int], scale_range: Sequence[float],
                  flip: bool, normalization: dict, ignore_index: int, focus_classes: Sequence[int] = (),
-                 focus_prob: float = 0.0) -> None:
+                 focus_prob: float = 0.0, color_jitter: float = 0.0) -> None:
         self.dataset = dataset
         self.seed = seed
         self._kwargs = dict(crop_size=crop_size, scale_range=None if scale_range[0] == scale_range[1] == 1.0
                             else tuple(scale_range), flip=flip, normalization=normalization,
-                            ignore_index=ignore_index, focus_classes=tuple(focus_classes), focus_prob=focus_prob)
+                            ignore_index=ignore_index, focus_classes=tuple(focus_classes), focus_prob=focus_prob,
+                            color_jitter=color_jitter)
         self._transforms = None
         self._generator: torch.Generator | None = None
 
@@ -618,7 +619,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                              rank=dist_info.rank, world_size=dist_info.world_size, start=start, stop=s.max_iter)
     train_set = _TrainSet(train_ds, seed=cfg.seed, crop_size=d.crop_size, scale_range=d.scale_range,
                           flip=d.flip, normalization=d.normalization, ignore_index=d.ignore_index,
-                          focus_classes=d.focus_classes, focus_prob=d.focus_prob)
+                          focus_classes=d.focus_classes, focus_prob=d.focus_prob, color_jitter=d.color_jitter)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=s.batch_size, sampler=sampler, num_workers=d.num_workers,
         pin_memory=device.type == "cuda", drop_last=False,
