@@ -242,8 +242,8 @@ def predict_logits(
 
     Same arguments as :func:`predict_probs`. The working resolution is the network's output
     stride (whole-image inference) or the full image (sliding windows), of the image resized by
-    ``input_scale`` and possibly downscaled by the size cap. Use :func:`upsample_logits` or :func:`labels_from_logits` to get to the
-    image size.
+    ``input_scale`` and possibly downscaled by the size cap. Use :func:`upsample_logits` or
+    :func:`labels_from_logits` to get to the image size.
     """
     from deeplab.models import autocast
 
