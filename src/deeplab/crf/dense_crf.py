@@ -379,30 +379,31 @@ class DenseCRF:
         return q.to(out_dtype).contiguous()
 
 
-_SIDE: list = []
-
-
 def _side_thread() -> ThreadPoolExecutor | None:
     """A second thread for the CPU lattice builds (None when torch may use a single thread)."""
     if torch.get_num_threads() < 2:
         return None
-    if not _SIDE:
-        # One torch thread inside it: the main thread's OpenMP team keeps the other core.
-        side = ThreadPoolExecutor(1, thread_name_prefix="deeplab-crf", initializer=torch.set_num_threads,
-                                  initargs=(1,))
-        mallopt = _glibc_mallopt()
-        if mallopt is not None:
-            # glibc gives a thread its own arena at its first malloc and keeps it: started under
-            # an arena limit of 1, the side thread shares the main heap, whose freed blocks the
-            # iterations reuse (its own arena held ~15-40 MB more at the peak). 0 restores the
-            # default limit for threads started later.
-            mallopt(_M_ARENA_MAX, 1)
-            try:
-                side.submit(lambda: None).result()
-            finally:
-                mallopt(_M_ARENA_MAX, 0)
-        _SIDE.append(side)
-    return _SIDE[0]
+    return _start_side_thread()
+
+
+@functools.cache
+def _start_side_thread() -> ThreadPoolExecutor:
+    """The side thread, started once per process."""
+    # One torch thread inside it: the main thread's OpenMP team keeps the other core.
+    side = ThreadPoolExecutor(1, thread_name_prefix="deeplab-crf", initializer=torch.set_num_threads,
+                              initargs=(1,))
+    mallopt = _glibc_mallopt()
+    if mallopt is not None:
+        # glibc gives a thread its own arena at its first malloc and keeps it: started under
+        # an arena limit of 1, the side thread shares the main heap, whose freed blocks the
+        # iterations reuse (its own arena held ~15-40 MB more at the peak). 0 restores the
+        # default limit for threads started later.
+        mallopt(_M_ARENA_MAX, 1)
+        try:
+            side.submit(lambda: None).result()
+        finally:
+            mallopt(_M_ARENA_MAX, 0)
+    return side
 
 
 # mallopt parameters (malloc.h).
