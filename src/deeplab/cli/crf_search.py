@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
             image, mask = dataset[i]
             probs = predict_probs(bundle.model, image, normalization=bundle.normalization,
                                   msc_scales=args.msc, flip=args.flip, precision=args.precision,
-                                  input_scale=args.input_scale or bundle.input_scale)
+                                  input_scale=bundle.scale_for(args.input_scale))
             samples.append((image, probs[0].to(torch.float16).cpu(), mask))
         source = f"computed with {bundle.name} ({args.weights or 'default weights'})"
 

@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
             seen.add(msg)
             print(f"notice: {msg}", file=sys.stderr)
 
-    input_scale = args.input_scale or bundle.input_scale
+    input_scale = bundle.scale_for(args.input_scale)
     try:
         result = evaluate(
             bundle.model, dataset, normalization=bundle.normalization, msc_scales=args.msc,

@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         logits = predict_logits(
             bundle.model, batch, normalization=bundle.normalization, msc_scales=args.msc,
             flip=args.flip, precision=args.precision, max_pixels=max_pixels, notice=notice,
-            input_scale=args.input_scale or bundle.input_scale,
+            input_scale=bundle.scale_for(args.input_scale),
         )
         for k, (path, stem, img) in enumerate(group):
             labels, probs = finish_prediction(logits[k : k + 1], img, crf=crf,

@@ -67,6 +67,10 @@ class ModelBundle:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def scale_for(self, input_scale: float | None) -> float:
+        """The input scale to run at: ``input_scale`` when given, else the weights' own."""
+        return self.input_scale if input_scale is None else input_scale
+
 
 def _default_palette(num_classes: int) -> np.ndarray:
     from deeplab.data.palettes import voc_palette
@@ -335,7 +339,7 @@ def segment(
         flip=flip,
         precision=precision,
         max_pixels=max_pixels,
-        input_scale=bundle.input_scale if input_scale is None else input_scale,
+        input_scale=bundle.scale_for(input_scale),
     )
     size = img.shape[:2]
     if crf:
