@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from deeplab.data import BadSampleError, build_dataset, dataset_options, list_datasets
-from deeplab.data.balance import class_frequencies, enet_weights, median_frequency_weights
+from deeplab.data.balance import (class_frequencies, enet_weights, median_frequency_weights,
+                                  sqrt_median_frequency_weights)
 from deeplab.data.io import ImageReadError, write_label_png
 from deeplab.data.loader import build_dataloader
 from deeplab.data.transforms import build_train_transforms
@@ -112,6 +113,7 @@ def test_median_frequency_weights_formula() -> None:
     # f = [0.1, 0.3, -]; median 0.2 -> [2, 2/3, 0]
     np.testing.assert_allclose(median_frequency_weights(f), [2.0, 2 / 3, 0.0], rtol=1e-6)
     np.testing.assert_allclose(enet_weights(f), 1 / np.log(1.02 + np.array([0.25, 0.75, 0.0])), rtol=1e-6)
+    np.testing.assert_allclose(sqrt_median_frequency_weights(f), [2**0.5, (2 / 3) ** 0.5, 0.0], rtol=1e-6)
 
 
 def _folder_tree(root: Path) -> None:

@@ -250,19 +250,21 @@ def test_tensorboard_missing_is_a_clear_error(camvid_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_class_weights_enet_and_median_freq_come_from_the_training_masks(camvid_root, tmp_path):
+def test_named_class_weights_come_from_the_training_masks(camvid_root, tmp_path):
     """data.class_weights names a weighting of the masks' class frequencies; the run folder keeps
     it with its kind, and weights of another kind found there are not reused."""
     import json
 
     from deeplab.data import build_dataset
-    from deeplab.data.balance import class_frequencies, enet_weights, median_frequency_weights
+    from deeplab.data.balance import (class_frequencies, enet_weights, median_frequency_weights,
+                                      sqrt_median_frequency_weights)
 
     freqs = class_frequencies(build_dataset("camvid", camvid_root, "train"))
     cases = [  # (kind, file found in the run folder, weights the run must use)
         ("median_freq", None, median_frequency_weights(freqs)),
         ("enet", {"kind": "median_freq", "weights": [1.0] * 11}, enet_weights(freqs)),  # another kind: recomputed
         ("median_freq", {"weights": [1.0] * 11}, [1.0] * 11),  # the old format held median-frequency weights
+        ("sqrt_median_freq", {"kind": "median_freq", "weights": [1.0] * 11}, sqrt_median_frequency_weights(freqs)),
     ]
     for i, (kind, found, expected) in enumerate(cases):
         out = tmp_path / f"run{i}"
@@ -277,3 +279,6 @@ def test_class_weights_enet_and_median_freq_come_from_the_training_masks(camvid_
     # ENet's weights are bounded by 1 / ln(1.02); the rarest class (bicyclist) weighs most in both.
     assert enet_weights(freqs).max() <= 1 / np.log(1.02)
     assert int(np.argmax(enet_weights(freqs))) == int(np.argmax(median_frequency_weights(freqs))) == 10
+    # The list the README's from-scratch CamVid run passes by hand (4 decimals) is this weighting.
+    np.testing.assert_allclose(sqrt_median_frequency_weights(freqs), [0.5286, 0.4493, 2.1884, 0.3861, 1.0, 0.6508,
+                                                                    1.9612, 1.4071, 0.8883, 2.5268, 2.9697], atol=6e-5)

@@ -84,8 +84,8 @@ class DataConfig:
         normalization: ``{mode: caffe_bgr, mean: [...]}`` or ``{mode: rgb, mean: [...], std: [...]}``.
         ignore_index: label excluded from the loss and the metrics.
         class_weights: ``null`` (none), ``median_freq`` (SegNet's median frequency balancing),
-            ``enet`` (ENet's ``1 / ln(1.02 + share)``), both computed from the training masks, or
-            one weight per class.
+            ``sqrt_median_freq`` (its square root, milder), ``enet`` (ENet's
+            ``1 / ln(1.02 + share)``), all computed from the training masks, or one weight per class.
         focus_classes / focus_prob: not in the paper: with probability ``focus_prob`` a training
             crop is placed around a random pixel of one of ``focus_classes`` (class ids) present
             in the image, so thin and rare classes are seen more often (0: the paper's crops).
