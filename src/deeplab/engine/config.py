@@ -131,6 +131,8 @@ class SolverConfig:
         loss_resolution: ``"logits"`` (the paper: labels shrunk to the stride-8 logits by nearest
             neighbour) or ``"labels"`` (not in the paper: logits upsampled bilinearly to the
             labels' size), which keeps thin objects such as poles in the loss.
+        lovasz_weight: not in the paper (0 = off, the paper's loss): adds this times the
+            Lovasz-softmax loss (Berman et al. 2018, a surrogate of mean IoU) to the cross-entropy.
     """
 
     base_lr: float = 2.5e-4
@@ -145,6 +147,7 @@ class SolverConfig:
     classifier_lr_mult: float = 10.0
     classifier_bias_lr_mult: float = 20.0
     loss_resolution: str = "logits"
+    lovasz_weight: float = 0.0
 
 
 @dataclass
@@ -294,6 +297,7 @@ def _validate(cfg: TrainConfig) -> None:
         "solver.weight_decay": s.weight_decay,
         "solver.momentum": s.momentum,
         "solver.warmup_iter": s.warmup_iter,
+        "solver.lovasz_weight": s.lovasz_weight,
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value!r}")

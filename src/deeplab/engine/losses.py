@@ -6,6 +6,10 @@ to each logits' size by nearest neighbour (Caffe's label ``Interp`` / kazuto1011
 (255) do not count. With multi-scale inputs (MSC) the training loss is the sum of the
 cross-entropies of the scale-1 logits, of each extra scale's logits and of the max-fused logits
 (4 terms for scales 1, 0.75, 0.5).
+
+``lovasz_softmax`` is not in the paper: Berman et al.'s convex surrogate of the per-class
+Jaccard loss (CVPR 2018), an optional extra term of the training loss (``solver.lovasz_weight``)
+that optimises mean IoU, the metric small classes decide, rather than pixel accuracy.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cross_entropy_sum", "msc_cross_entropy", "resize_labels", "valid_weight"]
+__all__ = ["cross_entropy_sum", "lovasz_softmax", "msc_cross_entropy", "resize_labels", "valid_weight"]
 
 
 def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -132,3 +136,46 @@ def msc_cross_entropy(
         if n > 0:
             total = total + s / n
     return total
+
+
+def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = 255) -> torch.Tensor:
+    """The Lovasz-softmax loss (Berman et al. 2018): mean over present classes of the Lovasz
+    extension of the Jaccard loss ``1 - IoU_c``, applied to the errors ``|[y = c] - p_c|``.
+
+    Written here because no library among the project's dependencies provides it (the ones that
+    do pull in torchvision). At one-hot probabilities it equals ``1 - IoU_c`` exactly; in
+    between it is the piecewise-linear interpolation of that set function, so it is convex in
+    the errors and has a gradient everywhere but at ties.
+
+    Args:
+        logits: (B, C, h, w) at any precision (computed in fp32, or in float64 if given).
+        labels: (B, H, W) labels, resized to (h, w) by nearest neighbour if needed.
+        ignore_index: label that does not count.
+
+    Returns:
+        A scalar tensor: the mean over the classes that occur among the valid labels of the
+        whole batch (Berman et al.'s "present" classes); 0 when no pixel is valid.
+    """
+    labels = resize_labels(labels, logits.shape[-2:]).to(logits.device)
+    num_classes = logits.shape[1]
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 autocast output -> fp32
+    probs = logits.to(dtype).softmax(1).permute(1, 0, 2, 3).reshape(num_classes, -1)  # (C, P)
+    labels = labels.reshape(-1)
+    valid = labels != ignore_index
+    probs, labels = probs[:, valid], labels[valid]
+    fg = labels[None, :] == torch.arange(num_classes, device=labels.device)[:, None]  # (C, P)
+    present = fg.any(1)
+    if not bool(present.any()):
+        return logits.to(dtype).sum() * 0.0  # keeps the graph: backward() still works
+    probs, fg = probs[present], fg[present].to(dtype)
+    errors = (fg - probs).abs()
+    # Sorting detaches the order, not the values: the loss is linear in the sorted errors with
+    # the Jaccard loss's increments along that order as coefficients.
+    errors_sorted, order = torch.sort(errors, dim=1, descending=True)
+    fg_sorted = fg.gather(1, order)
+    gts = fg_sorted.sum(1, keepdim=True)
+    intersection = gts - fg_sorted.cumsum(1)
+    union = gts + (1.0 - fg_sorted).cumsum(1)
+    jaccard = 1.0 - intersection / union  # the Jaccard loss of the first k errors, k = 1..P
+    increments = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+    return (errors_sorted * increments).sum(1).mean()

@@ -45,7 +45,7 @@ from deeplab.data.balance import CLASS_WEIGHTINGS, class_frequencies
 from deeplab.engine import checkpoint as ckpt
 from deeplab.engine.config import TrainConfig, resolve_data_root, save_config
 from deeplab.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from deeplab.engine.losses import msc_cross_entropy, valid_weight
+from deeplab.engine.losses import lovasz_softmax, msc_cross_entropy, valid_weight
 from deeplab.engine.lr_schedule import PolyLR
 
 __all__ = [
@@ -351,6 +351,7 @@ def train_step(
     ignore_index: int = 255,
     class_weights: torch.Tensor | None = None,
     loss_resolution: str = "logits",
+    lovasz_weight: float = 0.0,
     step: bool = True,
 ) -> torch.Tensor:
     """One optimiser step over ``iter_size`` micro-batches (gradient accumulation), DDP-aware.
@@ -370,6 +371,9 @@ def train_step(
         class_weights: optional (C,) class weights on the device.
         loss_resolution: ``"logits"`` (the paper: labels shrunk to each logits map) or
             ``"labels"`` (each logits map upsampled bilinearly to the labels' size first).
+        lovasz_weight: not in the paper (0 = off): adds this times the Lovasz-softmax loss of
+            every logits map; unlike the cross-entropy it is not a sum over pixels, so it is
+            computed per micro-batch and averaged over micro-batches and processes.
         step: call ``optimizer.step()`` at the end (the trainer checks the loss first).
 
     Returns:
@@ -406,6 +410,9 @@ def train_step(
                 raise TrainingError("the training crops of one step must share a size")
             loss = msc_cross_entropy(maps, labels, ignore_index=ignore_index, weight=class_weights,
                                      normalizers=normalizers)
+            if lovasz_weight:
+                lovasz = sum(lovasz_softmax(o, labels, ignore_index=ignore_index) for o in maps)
+                loss = loss + lovasz * (lovasz_weight / (len(micro_batches) * world))
             # DDP averages gradients over processes; the loss is already a global mean.
             (loss * world).backward()
         loss_sum += loss.detach().double()
@@ -680,7 +687,8 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                       lab.to(device, non_blocking=True)) for img, lab in micro]
             loss_sum = train_step(model, optimizer, micro, precision=cfg.precision,
                                   ignore_index=d.ignore_index, class_weights=weight,
-                                  loss_resolution=s.loss_resolution, step=False)
+                                  loss_resolution=s.loss_resolution, lovasz_weight=s.lovasz_weight,
+                                  step=False)
             loss_value = float(loss_sum)
             if not math.isfinite(loss_value):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
