@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Package a trained run as the default model shipped in ``src/deeplab/assets/`` (maintainers).
 
-Casts the weights to float16 (the package-size budget is 25 MB; the model computes in bf16 or
-fp32 after loading), sets the output stride used at inference and stores the CRF parameters and
-the training / evaluation record in the metadata, so ``deeplab segment`` needs no flags.
+Casts the weights to float16, or int8 with ``--int8`` (the package-size budget is 25 MB; the
+model computes in bf16 or fp32 after loading), sets the output stride used at inference and
+stores the CRF parameters and the training / evaluation record in the metadata, so
+``deeplab segment`` needs no flags.
 
 Example:
   python scripts/package_default_model.py runs/camvid_r18/best.safetensors \\
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from deeplab.weights import half_state_dict, read_metadata, save_state_dict
+from deeplab.weights import half_state_dict, int8_state_dict, read_metadata, save_state_dict
 from deeplab.weights.loading import read_state_dict
+from deeplab.weights.safetensors_io import INT8_METADATA, INT8_METADATA_KEY
 
 DEFAULT_DST = Path(__file__).resolve().parents[1] / "src/deeplab/assets/deeplab_v2_camvid.safetensors"
 
@@ -45,6 +47,9 @@ def main() -> int:
     parser.add_argument("--logit-adjust", type=float, default=0.0, metavar="TAU",
                         help="subtract TAU * log(w_c) of the training class weights from the classifier bias "
                              "(see scripts/logit_adjustment.py)")
+    parser.add_argument("--int8", action="store_true",
+                        help="int8 convolution weights with a scale per output channel (half the float16 "
+                             "file: what a ResNet-34 needs to fit the 25 MB budget)")
     parser.add_argument("--class-weights", type=Path, default=None,
                         help="the run's class_weights.json (default: next to SRC)")
     args = parser.parse_args()
@@ -60,7 +65,12 @@ def main() -> int:
         state[key] = (state[key].double() - offset).to(state[key].dtype)
         meta["logit_adjustment"] = {"tau": args.logit_adjust, "class_weights": weights, "bias": key}
         print(f"{key} -= {args.logit_adjust} * log(class weights of {weights_file})")
-    state = half_state_dict(state)
+    if args.int8:
+        state = int8_state_dict(state)
+        meta.update(INT8_METADATA)
+    else:
+        state = half_state_dict(state)
+        meta.pop(INT8_METADATA_KEY, None)  # the source's own int8 note no longer holds
     if args.output_stride:
         meta["model_kwargs"] = {**meta.get("model_kwargs", {}), "output_stride": args.output_stride}
     if args.input_scale:

@@ -24,7 +24,10 @@ def _script(name: str, *args: str) -> subprocess.CompletedProcess:
     return res
 
 
-def test_package_logit_adjustment_moves_each_logit_by_tau_log_w(tmp_path):
+@pytest.mark.parametrize("storage", [[], ["--int8"]], ids=["float16", "int8"])
+def test_package_logit_adjustment_moves_each_logit_by_tau_log_w(tmp_path, storage):
+    """The shift is the same with int8 storage: the kernels of both files round alike and the
+    bias stays float16."""
     torch.manual_seed(0)
     model = build_model("deeplab_v2_resnet18", num_classes=5, output_stride=16).eval()
     run = tmp_path / "run"
@@ -32,10 +35,12 @@ def test_package_logit_adjustment_moves_each_logit_by_tau_log_w(tmp_path):
     save_weights(model, run / "best.safetensors")
     weights = [0.5, 1.0, 2.0, 4.0, 8.8]
     (run / "class_weights.json").write_text(json.dumps({"kind": "median_freq", "weights": weights}))
-    _script("package_default_model.py", str(run / "best.safetensors"), "--dst", str(tmp_path / "plain.safetensors"))
+    _script("package_default_model.py", str(run / "best.safetensors"), "--dst", str(tmp_path / "plain.safetensors"),
+            *storage)
     _script("package_default_model.py", str(run / "best.safetensors"), "--dst", str(tmp_path / "adj.safetensors"),
-            "--logit-adjust", "0.75")
+            "--logit-adjust", "0.75", *storage)
     meta = read_metadata(tmp_path / "adj.safetensors")
+    assert ("int8_weights" in meta) == bool(storage)
     assert meta["logit_adjustment"] == {"tau": 0.75, "class_weights": weights, "bias": "aspp.branches.0.bias"}
     plain, adjusted = (build_model("deeplab_v2_resnet18", num_classes=5, output_stride=16).eval() for _ in range(2))
     load_weights(plain, tmp_path / "plain.safetensors", strict=True)

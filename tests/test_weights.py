@@ -24,7 +24,12 @@ from deeplab.weights import (
     save_weights,
     write_caffemodel,
 )
-from deeplab.weights.safetensors_io import read_safetensors
+from deeplab.weights.safetensors_io import (
+    INT8_SCALE_SUFFIX,
+    dequantize_state_dict,
+    int8_state_dict,
+    read_safetensors,
+)
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -340,6 +345,84 @@ def test_convert_half_keeps_bn_statistics_float32(tmp_path, small):
     assert torch.equal(loaded["backbone.stem.bn1.running_var"], small.state_dict()["backbone.stem.bn1.running_var"])
     w, w0 = loaded["backbone.stem.conv1.weight"], small.state_dict()["backbone.stem.conv1.weight"]
     assert float((w - w0).abs().max()) <= 1e-3 * float(w0.abs().max())
+
+
+def test_int8_state_dict_rounding_bound_and_what_stays_float():
+    """Each weight comes back within half its output channel's scale (max|w| / 127); a zero
+    channel comes back zero; biases go float16 as with --half and BN statistics stay float32."""
+    g = torch.Generator().manual_seed(3)
+    # Channels 100x apart in magnitude: one scale per tensor would round the small ones to ~0.
+    w = torch.randn(6, 4, 3, 3, generator=g) * torch.tensor([1e-3, 1e-2, 0.1, 1.0, 10.0, 0.0])[:, None, None, None]
+    state = {"conv.weight": w, "conv.bias": torch.randn(6, generator=g),
+             "bn.running_var": torch.full((6,), 4e7), "bn.num_batches_tracked": torch.tensor(7)}
+    packed = int8_state_dict(state)
+    assert packed["conv.weight"].dtype == torch.int8
+    assert packed["conv.bias"].dtype == torch.float16
+    assert packed["bn.running_var"].dtype == torch.float32 and packed["bn.num_batches_tracked"].dtype == torch.int64
+    restored = dequantize_state_dict(packed, "mem")
+    assert set(restored) == set(state)
+    assert restored["conv.weight"].dtype == torch.float32
+    bound = w.abs().flatten(1).amax(1) / 127 / 2  # per channel
+    err = (restored["conv.weight"] - w).abs().flatten(1).amax(1)
+    assert bool((err <= bound * (1 + 1e-5)).all()), (err, bound)
+    assert bool((restored["conv.weight"][5] == 0).all())
+    # The extreme of each channel is stored exactly (q = +-127).
+    for c in range(5):
+        i = int(w[c].abs().argmax())
+        assert float(restored["conv.weight"][c].flatten()[i]) == pytest.approx(float(w[c].flatten()[i]), rel=1e-6)
+
+
+def test_convert_int8_loads_and_predicts_like_float32(tmp_path, small):
+    """--int8: under 30 % of the float32 file, loads strictly into the model, and the logits stay
+    close to the float32 model's (same argmax almost everywhere); converting back to --half
+    drops the int8 note from the metadata."""
+    src = tmp_path / "model.safetensors"
+    save_weights(small, src)
+    dst = tmp_path / "int8.safetensors"
+    assert _cli("deeplab.cli.convert", [str(src), str(dst), "--model", "deeplab_v2_resnet18", "--int8"]) == 0
+    assert dst.stat().st_size < 0.3 * src.stat().st_size
+    raw, meta = read_safetensors(dst)
+    assert meta["int8_weights"]["scale_suffix"] == INT8_SCALE_SUFFIX
+    assert raw["backbone.stem.conv1.weight"].dtype == torch.float32  # dequantized on reading
+    model, _ = build_from_weights(dst)
+    x = torch.randn(1, 3, 65, 65, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = small.eval()(x), model.eval()(x)
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < 0.05, rel
+    assert float((got.argmax(1) == ref.argmax(1)).float().mean()) > 0.9
+    # The same weights through the training loader (init_weights) read the same tensors.
+    from deeplab.engine.checkpoint import load_state_dict_file
+
+    via_ckpt = load_state_dict_file(dst)
+    assert all(torch.equal(via_ckpt[k], raw[k]) for k in raw) and via_ckpt.keys() == raw.keys()
+    back = tmp_path / "half.safetensors"
+    assert _cli("deeplab.cli.convert", [str(dst), str(back), "--model", "deeplab_v2_resnet18", "--half"]) == 0
+    assert "int8_weights" not in read_metadata(back)
+
+
+@pytest.mark.parametrize("damage", ["drop_scale", "drop_tensor", "wrong_scale_shape"])
+def test_damaged_int8_file_names_the_file_and_tensor(tmp_path, small, damage):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "int8.safetensors"
+    save_weights(small, path, int8=True)
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        raw_meta = f.metadata()
+    key = "backbone.stem.conv1.weight"
+    if damage == "drop_scale":
+        del tensors[key + INT8_SCALE_SUFFIX]
+    elif damage == "drop_tensor":
+        del tensors[key]
+    else:
+        tensors[key + INT8_SCALE_SUFFIX] = tensors[key + INT8_SCALE_SUFFIX][:3].clone()
+    save_file(tensors, str(path), metadata=raw_meta)
+    with pytest.raises(ValueError, match=rf"{path.name}.*{key}.*re-export"):
+        read_safetensors(path)
+    with pytest.raises(Exception, match=key):
+        build_from_weights(path)
 
 
 def test_convert_cli_from_caffemodel(tmp_path, capsys):

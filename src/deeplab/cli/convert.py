@@ -33,8 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of classes; read from the file's classifier when omitted")
     parser.add_argument("--class-names", type=Path, default=None,
                         help="text file with one class name a line, stored in the metadata")
-    parser.add_argument("--half", action="store_true",
-                        help="store float16 weights (half the file; batch-norm statistics stay float32)")
+    storage = parser.add_mutually_exclusive_group()
+    storage.add_argument("--half", action="store_true",
+                         help="store float16 weights (half the file; batch-norm statistics stay float32)")
+    storage.add_argument("--int8", action="store_true",
+                         help="store int8 convolution weights with a scale per output channel (a quarter of "
+                              "the file), the rest as --half; loading restores float32")
     parser.add_argument("--partial", action="store_true",
                         help="allow model tensors the file lacks or cannot fill (e.g. init.caffemodel "
                              "without a classifier, or another class count): they keep the fresh "
@@ -110,7 +114,7 @@ def _convert(args: argparse.Namespace) -> int:
     metadata.update(model=args.model, num_classes=model.num_classes)
     metadata["source"] = {"file": src.name, "layout": layout}
     metadata.pop("model_kwargs", None)  # recomputed from the model by save_weights
-    save_weights(model, args.dst, metadata, half=args.half)
+    save_weights(model, args.dst, metadata, half=args.half, int8=args.int8)
     n = len(model.state_dict())
     print(f"wrote {args.dst}: {args.model}, {model.num_classes} classes, {n} tensors from {src.name} ({layout} layout)")
     if result.missing or result.skipped_shape:

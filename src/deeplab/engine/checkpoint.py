@@ -107,11 +107,14 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors state dict; a truncated or corrupt file raises :class:`CheckpointError`."""
+    """Read a safetensors state dict (int8 weights dequantized); a truncated or corrupt file raises
+    :class:`CheckpointError`."""
     from safetensors.torch import load_file
 
+    from deeplab.weights.safetensors_io import dequantize_state_dict
+
     try:
-        return load_file(str(path))
+        return dequantize_state_dict(load_file(str(path)), path)
     except Exception as e:  # safetensors raises its own error types for truncated headers/data
         raise CheckpointError(f"cannot read weights file {path}: {e}") from e
 

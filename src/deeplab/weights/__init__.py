@@ -21,12 +21,19 @@ from deeplab.weights.loading import (
 )
 from deeplab.weights.mapping import WeightsMismatchError
 from deeplab.weights.onnx_export import export_onnx
-from deeplab.weights.safetensors_io import half_state_dict, read_metadata, save_state_dict, save_weights
+from deeplab.weights.safetensors_io import (
+    half_state_dict,
+    int8_state_dict,
+    read_metadata,
+    save_state_dict,
+    save_weights,
+)
 
 __all__ = [
     "save_weights",
     "save_state_dict",
     "half_state_dict",
+    "int8_state_dict",
     "load_weights",
     "read_metadata",
     "build_from_weights",

@@ -27,7 +27,17 @@ from torch import nn
 
 from deeplab.fileio import atomic_path
 
-__all__ = ["save_weights", "save_state_dict", "read_metadata", "read_safetensors", "METADATA_KEYS"]
+__all__ = [
+    "save_weights",
+    "save_state_dict",
+    "read_metadata",
+    "read_safetensors",
+    "half_state_dict",
+    "int8_state_dict",
+    "dequantize_state_dict",
+    "METADATA_KEYS",
+    "INT8_SCALE_SUFFIX",
+]
 
 METADATA_KEYS = (
     "model",
@@ -191,12 +201,75 @@ def half_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
+# int8 storage is written here because no library among the dependencies defines a file layout
+# for it: torch.ao's quantized tensors cannot go into safetensors, which stores plain int8 arrays.
+INT8_SCALE_SUFFIX = "::int8_scale"
+INT8_METADATA_KEY = "int8_weights"  # how the file is stored, for readers other than deeplab
+INT8_METADATA = {INT8_METADATA_KEY: {"scale_suffix": INT8_SCALE_SUFFIX,
+                                     "scheme": "symmetric per output channel: w = q * scale[out], scale = max|w| / 127"}}
+
+
+def int8_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int8 convolution weights, a quarter of float32's bytes (half of float16's); the rest as
+    :func:`half_state_dict`.
+
+    Every floating tensor of two or more dimensions (convolution and classifier kernels: all
+    but a few KB of a DeepLab) becomes int8 with one float32 scale per output channel, stored
+    under ``<name>::int8_scale``; the rounding error of a weight is at most half its channel's
+    scale, ``max|w| / 254``. Per-channel scales matter: the kernels of one layer differ in
+    magnitude by 10x and more, and one scale per tensor would round the small ones to a few
+    levels. :func:`dequantize_state_dict` (called by every reader of the project's files)
+    restores float32 tensors, so a model never sees int8.
+    """
+    out = half_state_dict(state_dict)
+    for key, value in state_dict.items():
+        if not value.is_floating_point() or value.dim() < 2 or key.endswith(("running_mean", "running_var")):
+            continue
+        w = value.detach().to("cpu", torch.float32).reshape(value.shape[0], -1)
+        absmax = w.abs().amax(dim=1)
+        scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+        out[key] = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).reshape(value.shape)
+        out[key + INT8_SCALE_SUFFIX] = scale
+    return out
+
+
+def dequantize_state_dict(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Undo :func:`int8_state_dict`: float32 ``q * scale``; other tensors are returned as they are.
+
+    Args:
+        tensors: the tensors of a file.
+        source: the file, named in the error when an int8 tensor and its scale do not match.
+    """
+    scales = {k[: -len(INT8_SCALE_SUFFIX)]: v for k, v in tensors.items() if k.endswith(INT8_SCALE_SUFFIX)}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.endswith(INT8_SCALE_SUFFIX):
+            if key[: -len(INT8_SCALE_SUFFIX)] not in tensors:
+                raise ValueError(f"{source}: scale {key} has no tensor {key[: -len(INT8_SCALE_SUFFIX)]}; "
+                                 "the file is damaged: re-export it")
+            continue
+        scale = scales.get(key)
+        if scale is None:
+            if value.dtype == torch.int8:
+                raise ValueError(f"{source}: {key} is int8 but the file has no {key}{INT8_SCALE_SUFFIX}; "
+                                 "the file is damaged or was not written by deeplab: re-export it")
+            out[key] = value
+            continue
+        if value.dtype != torch.int8 or scale.dim() != 1 or value.dim() < 1 or scale.numel() != value.shape[0]:
+            raise ValueError(f"{source}: {key} ({value.dtype}, {tuple(value.shape)}) does not fit its scale "
+                             f"{tuple(scale.shape)}; the file is damaged: re-export it")
+        flat = value.reshape(value.shape[0], -1).to(torch.float32) * scale.to(torch.float32)[:, None]
+        out[key] = flat.reshape(value.shape)
+    return out
+
+
 def save_weights(
     model: nn.Module,
     path: str | os.PathLike[str],
     metadata: Mapping[str, Any] | None = None,
     *,
     half: bool = False,
+    int8: bool = False,
 ) -> Path:
     """Save a model's weights as safetensors with the project's metadata.
 
@@ -210,6 +283,7 @@ def save_weights(
         metadata: extra keys, e.g. ``{"model": "deeplab_v2_resnet101", "class_names": [...],
             "palette": [[0, 0, 0], ...], "normalization": {...}, "model_kwargs": {...}}``.
         half: store float16 weights (see :func:`half_state_dict`).
+        int8: store int8 convolution weights, the rest as ``half`` (see :func:`int8_state_dict`).
 
     Returns:
         The path written.
@@ -221,7 +295,11 @@ def save_weights(
             f"metadata num_classes={given['num_classes']} but the model has {meta['num_classes']} classes"
         )
     meta.update(given)
+    meta.pop(INT8_METADATA_KEY, None)  # how a source file was stored; set anew below
     state = model.state_dict()
+    if int8:
+        meta.update(INT8_METADATA)
+        return save_state_dict(int8_state_dict(state), path, meta)
     return save_state_dict(half_state_dict(state) if half else state, path, meta)
 
 
@@ -260,4 +338,4 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
         tensors = load_file(str(path), device="cpu")
     except Exception as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    return tensors, read_metadata(path)
+    return dequantize_state_dict(tensors, path), read_metadata(path)
