@@ -389,7 +389,7 @@ def test_convert_int8_loads_and_predicts_like_float32(tmp_path, small):
     with torch.no_grad():
         ref, got = small.eval()(x), model.eval()(x)
     rel = float((got - ref).norm() / ref.norm())
-    assert rel < 0.05, rel
+    assert rel < 0.02, rel  # measured 0.006
     assert float((got.argmax(1) == ref.argmax(1)).float().mean()) > 0.9
     # The same weights through the training loader (init_weights) read the same tensors.
     from deeplab.engine.checkpoint import load_state_dict_file
@@ -421,7 +421,7 @@ def test_damaged_int8_file_names_the_file_and_tensor(tmp_path, small, damage):
     save_file(tensors, str(path), metadata=raw_meta)
     with pytest.raises(ValueError, match=rf"{path.name}.*{key}.*re-export"):
         read_safetensors(path)
-    with pytest.raises(Exception, match=key):
+    with pytest.raises(ValueError, match=key):
         build_from_weights(path)
 
 
