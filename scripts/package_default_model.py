@@ -21,7 +21,6 @@ import torch
 
 from deeplab.weights import half_state_dict, int8_state_dict, read_metadata, save_state_dict
 from deeplab.weights.loading import read_state_dict
-from deeplab.weights.safetensors_io import INT8_METADATA, INT8_METADATA_KEY
 
 DEFAULT_DST = Path(__file__).resolve().parents[1] / "src/deeplab/assets/deeplab_v2_camvid.safetensors"
 
@@ -65,12 +64,7 @@ def main() -> int:
         state[key] = (state[key].double() - offset).to(state[key].dtype)
         meta["logit_adjustment"] = {"tau": args.logit_adjust, "class_weights": weights, "bias": key}
         print(f"{key} -= {args.logit_adjust} * log(class weights of {weights_file})")
-    if args.int8:
-        state = int8_state_dict(state)
-        meta.update(INT8_METADATA)
-    else:
-        state = half_state_dict(state)
-        meta.pop(INT8_METADATA_KEY, None)  # the source's own int8 note no longer holds
+    state = int8_state_dict(state) if args.int8 else half_state_dict(state)
     if args.output_stride:
         meta["model_kwargs"] = {**meta.get("model_kwargs", {}), "output_stride": args.output_stride}
     if args.input_scale:

@@ -150,12 +150,17 @@ def save_state_dict(
         state_dict: tensor name -> tensor (moved to the CPU, made contiguous; tensors sharing
             storage are copied, as safetensors requires).
         path: destination; its parent folder must exist.
-        metadata: JSON-serialisable values (see the module docstring for the known keys).
+        metadata: JSON-serialisable values (see the module docstring for the known keys); the
+            ``int8_weights`` key is set from the tensors (present iff they hold int8 scales).
     """
     from safetensors.torch import save_file
 
     meta = {k: _to_plain(v) for k, v in (metadata or {}).items()}
     _validate_metadata(meta)
+    # The int8 note describes these tensors, not the model: derived here, never copied from a source file.
+    meta.pop(INT8_METADATA_KEY, None)
+    if any(k.endswith(INT8_SCALE_SUFFIX) for k in state_dict):
+        meta.update(INT8_METADATA)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for key, value in state_dict.items():
@@ -240,13 +245,13 @@ def dequantize_state_dict(tensors: Mapping[str, torch.Tensor], source: str | os.
         tensors: the tensors of a file.
         source: the file, named in the error when an int8 tensor and its scale do not match.
     """
-    scales = {k[: -len(INT8_SCALE_SUFFIX)]: v for k, v in tensors.items() if k.endswith(INT8_SCALE_SUFFIX)}
+    scales = {k.removesuffix(INT8_SCALE_SUFFIX): v for k, v in tensors.items() if k.endswith(INT8_SCALE_SUFFIX)}
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if key.endswith(INT8_SCALE_SUFFIX):
-            if key[: -len(INT8_SCALE_SUFFIX)] not in tensors:
-                raise ValueError(f"{source}: scale {key} has no tensor {key[: -len(INT8_SCALE_SUFFIX)]}; "
-                                 "the file is damaged: re-export it")
+            owner = key.removesuffix(INT8_SCALE_SUFFIX)
+            if owner not in tensors:
+                raise ValueError(f"{source}: scale {key} has no tensor {owner}; the file is damaged: re-export it")
             continue
         scale = scales.get(key)
         if scale is None:
@@ -295,12 +300,12 @@ def save_weights(
             f"metadata num_classes={given['num_classes']} but the model has {meta['num_classes']} classes"
         )
     meta.update(given)
-    meta.pop(INT8_METADATA_KEY, None)  # how a source file was stored; set anew below
     state = model.state_dict()
     if int8:
-        meta.update(INT8_METADATA)
-        return save_state_dict(int8_state_dict(state), path, meta)
-    return save_state_dict(half_state_dict(state) if half else state, path, meta)
+        state = int8_state_dict(state)
+    elif half:
+        state = half_state_dict(state)
+    return save_state_dict(state, path, meta)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
