@@ -66,7 +66,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-def test_training_lowers_the_loss_on_real_camvid(camvid_root, tmp_path):
+def test_training_lowers_the_loss_on_real_camvid(camvid_root, tmp_path, capsys):
     from deeplab.data import build_dataset
     from deeplab.data.transforms import normalize_image
     from deeplab.engine.losses import msc_cross_entropy
@@ -100,6 +100,9 @@ def test_training_lowers_the_loss_on_real_camvid(camvid_root, tmp_path):
     assert [rec["iteration"] for rec in lines if "loss" in rec][-1] == 12
     assert any("val" in rec and 0 <= rec["val"]["miou"] <= 1 for rec in lines)
     assert (tmp_path / "run" / "best.safetensors").is_file() and summary["best_miou"] is not None
+    # The first validation is the best so far, and the log says so (not the -1 it starts from).
+    val_line = f"val mIoU {100 * summary['best_miou']:.2f}% (best {100 * summary['best_miou']:.2f}% at iteration 12)"
+    assert val_line in capsys.readouterr().err
     from deeplab.weights.safetensors_io import read_metadata
 
     meta = read_metadata(tmp_path / "run" / "last.safetensors")
@@ -276,6 +279,11 @@ def test_named_class_weights_come_from_the_training_masks(camvid_root, tmp_path)
         saved = json.loads((out / "class_weights.json").read_text())
         assert saved.get("kind", "median_freq") == kind
         np.testing.assert_allclose(saved["weights"], expected, rtol=1e-6)
+    # A list given by hand is recorded too: the packaging and logit-adjustment scripts read it there.
+    given = [0.5 + 0.25 * c for c in range(11)]
+    cfg = _config(camvid_root, **{"data.class_weights": given, "solver.max_iter": 1, "checkpoint_interval": 0})
+    train(parse_config(cfg), tmp_path / "run_list", progress=False)
+    assert json.loads((tmp_path / "run_list" / "class_weights.json").read_text()) == {"kind": "list", "weights": given}
     # ENet's weights are bounded by 1 / ln(1.02); the rarest class (bicyclist) weighs most in both.
     assert enet_weights(freqs).max() <= 1 / np.log(1.02)
     assert int(np.argmax(enet_weights(freqs))) == int(np.argmax(median_frequency_weights(freqs))) == 10

@@ -23,6 +23,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from deeplab.data import dataset_options
 from deeplab.data.balance import CLASS_WEIGHTINGS
 
 __all__ = [
@@ -93,6 +94,9 @@ class DataConfig:
             ``[1 - color_jitter, 1 + color_jitter]`` (0: none).
         num_workers: DataLoader worker processes per training process.
         val_max_images: validate on the first N validation images only (``null`` = all).
+        options: the data set's own keyword options, for both splits (``build_dataset``), e.g.
+            ``{mask_suffix: _mask.png, label_map: {0: 0, 255: 1}}`` for ``folder``,
+            ``{sbd_root: ...}`` for ``voc12_aug``, ``{skip_bad: true}`` for any.
     """
 
     dataset: str = "voc12_aug"
@@ -110,6 +114,7 @@ class DataConfig:
     color_jitter: float = 0.0
     num_workers: int = 2
     val_max_images: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -321,6 +326,13 @@ def _validate(cfg: TrainConfig) -> None:
     if isinstance(d.class_weights, str) and d.class_weights not in CLASS_WEIGHTINGS:
         names = ", ".join(repr(n) for n in CLASS_WEIGHTINGS)
         raise ConfigError(f"data.class_weights must be null, {names} or a list of numbers, got {d.class_weights!r}")
+    try:
+        valid_options = dataset_options(d.dataset)
+    except ValueError as e:
+        raise ConfigError(f"data.dataset: {e}") from None
+    unknown = sorted(set(d.options) - set(valid_options))
+    if unknown:
+        raise ConfigError(f"data.options: {d.dataset!r} has no option(s) {unknown}; valid: {', '.join(valid_options)}")
     norm = d.normalization
     mode = norm.get("mode")
     allowed = {"caffe_bgr": {"mode", "mean"}, "rgb": {"mode", "mean", "std"}}

@@ -515,8 +515,8 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
     if not root.exists():
         raise TrainingError(f"data.root {root} does not exist (from {d.root!r}); fix it in the config or with --set data.root=PATH")
     try:
-        train_ds = build_dataset(d.dataset, root, d.train_split)
-        val_ds = build_dataset(d.dataset, root, d.val_split) if d.val_split else None
+        train_ds = build_dataset(d.dataset, root, d.train_split, **d.options)
+        val_ds = build_dataset(d.dataset, root, d.val_split, **d.options) if d.val_split else None
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise TrainingError(f"cannot load data set {d.dataset!r} from {root}: {e}") from None
     if len(train_ds) == 0:
@@ -547,6 +547,9 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                     ckpt.atomic_write(cache, lambda p: p.write_text(text))
         else:
             weights_list = list(d.class_weights)
+            if main:  # the record later steps read (package_default_model.py, logit_adjustment.py)
+                text = json.dumps({"kind": "list", "weights": weights_list}, indent=1)
+                ckpt.atomic_write(out / "class_weights.json", lambda p: p.write_text(text))
         if len(weights_list) != num_classes:
             raise TrainingError(f"data.class_weights has {len(weights_list)} values for {num_classes} classes")
         weight = torch.tensor(weights_list, dtype=torch.float32, device=device)
@@ -720,11 +723,14 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                 if metrics is not None and main:
                     miou = float(metrics.get("miou") or 0.0)
                     _append_jsonl(run.metrics, {"iteration": done, "val": metrics, "time": time.time()})
-                    log(f"iteration {done}: val mIoU {100 * miou:.2f}% (best {100 * max(best['miou'], 0):.2f}%)")
+                    improved = miou > best["miou"]
+                    if improved:
+                        best = {"miou": miou, "iteration": done}
+                    log(f"iteration {done}: val mIoU {100 * miou:.2f}% "
+                        f"(best {100 * best['miou']:.2f}% at iteration {best['iteration']})")
                     if tb_writer is not None:
                         tb_writer.add_scalar("val/miou", miou, done)
-                    if miou > best["miou"]:
-                        best = {"miou": miou, "iteration": done}
+                    if improved:
                         ckpt.save_state_dict(core.state_dict(), out / "best.safetensors",
                                              {**meta(done), "miou": miou})
                         text = json.dumps({"iteration": done, **metrics}, indent=1)
