@@ -124,6 +124,9 @@ def _prepare(job: tuple[str, Path, Path, Path, bool, str]):
     arr = _load_array(probs_path)
     if arr.dtype not in (np.float16, np.float32, np.float64) or arr.ndim != 3:
         raise ValueError(f"{probs_path}: expected a (C, H, W) float array, got {arr.shape} {arr.dtype}")
+    if arr.shape[0] > 256:  # labels above 255 would wrap around in the 8-bit PNG
+        raise ValueError(f"{probs_path}: {arr.shape[0]} classes do not fit a label PNG, which holds "
+                         "at most 256 class indices")
     if arr.shape[1:] != image.shape[:2]:
         raise ValueError(
             f"{probs_path}: probabilities {arr.shape} do not match the image {image_path.name} "
@@ -192,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from deeplab.cli.segment import check_writable
     from deeplab.crf import DenseCRF
 
     for name in ("images", "probs"):
@@ -215,7 +219,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: no image in {args.images} has probabilities in {args.probs} (<id>.npy or <id>.npz)",
               file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    inputs = {p.resolve(): p for p in args.images.iterdir()}
+    for sid, _, _ in pairs:
+        hit = inputs.get((args.out / f"{sid}.png").resolve())
+        if hit is not None:
+            print(f"error: --out {args.out} would overwrite input {hit}: choose another --out",
+                  file=sys.stderr)
+            return 2
+    reason = check_writable(args.out)
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
     jobs = [
         (sid, image, probs, args.out / f"{sid}.png", args.logits, args.palette)
         for sid, image, probs in pairs

@@ -52,6 +52,21 @@ def _positive_scale(text: str) -> float:
     return value
 
 
+def _positive_pixels(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(
+                f"{flag} {text!r}: expected a positive number of pixels such as 6000000"
+            )
+        return value
+
+    return parse
+
+
 def add_input_scale_argument(parser: argparse.ArgumentParser) -> None:
     """``--input-scale``, shared by segment, eval and crf-search (None: the weights' own)."""
     parser.add_argument("--input-scale", type=_positive_scale, default=None, metavar="S",
@@ -79,8 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per forward pass (consecutive images of one size)")
     parser.add_argument("--save-probs", action="store_true",
                         help="also write <stem>.npy float16 (C,H,W) probabilities")
-    parser.add_argument("--max-pixels", type=int, default=None,
+    parser.add_argument("--max-pixels", type=_positive_pixels("--max-pixels"), default=None, metavar="N",
                         help="downscale larger images for the network; unset: 6,000,000")
+    parser.add_argument("--max-image-pixels", type=_positive_pixels("--max-image-pixels"), default=None,
+                        metavar="N", help="refuse to decode image files of more pixels (a guard against "
+                        "decompression bombs); raise it for trusted large files; unset: 64,000,000")
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay")
 
 
@@ -121,6 +139,8 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
 
 def check_writable(out: Path) -> str | None:
     """None if ``out`` can be created and written to, else the reason."""
+    if out.exists() and not out.is_dir():
+        return f"output path {out} exists and is not a folder"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -136,16 +156,31 @@ def check_writable(out: Path) -> str | None:
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
+    """One output stem per path: its own, or ``<stem>_N`` when an earlier path has it.
+
+    ``<stem>_N`` also avoids every input's own stem (``x.jpg`` must not become ``x_1`` when
+    ``x_1.png`` is an input too). Compared case-blind: on macOS and Windows ``X.png`` is ``x.png``.
+    """
+    natural = {p.stem.casefold() for p in paths}
+    used: set[str] = set()
+    last: dict[str, int] = {}
     stems: list[str] = []
-    used: dict[str, int] = {}
     for p in paths:
         stem = p.stem
-        if stem in used:
-            used[stem] += 1
-            stem = f"{stem}_{used[stem]}"
-        used.setdefault(stem, 0)
+        key = stem.casefold()
+        if key in used:
+            n = last.get(key, 0) + 1
+            while f"{key}_{n}" in used or f"{key}_{n}" in natural:
+                n += 1
+            last[key] = n
+            stem = f"{stem}_{n}"
+        used.add(stem.casefold())
         stems.append(stem)
     return stems
+
+
+def _output_names(stem: str, save_probs: bool) -> list[str]:
+    return [f"{stem}.png", f"{stem}_overlay.jpg", *([f"{stem}.npy"] if save_probs else [])]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,6 +189,14 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         return _error(f"--alpha must be in [0, 1], got {args.alpha}")
     paths, problems = expand_inputs(args.inputs)
+    stems = _unique_stems(paths)
+    inputs = {p.resolve(): p for p in paths}
+    for path, stem in zip(paths, stems):
+        for name in _output_names(stem, args.save_probs):
+            hit = inputs.get((args.out / name).resolve())
+            if hit is not None:
+                source = "" if hit == path else f" with the output for {path}"
+                return _error(f"--out {args.out} would overwrite input {hit}{source}: choose another --out")
     reason = check_writable(args.out)
     if reason:
         return _error(reason)
@@ -164,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from deeplab.data.io import DEFAULT_MAX_PIXELS as DEFAULT_IMAGE_PIXELS
     from deeplab.data.io import ImageReadError, read_image, write_label_png
     from deeplab.engine.evaluate import save_probs_npy
     from deeplab.engine.inference import DEFAULT_MAX_PIXELS, finish_prediction, predict_logits
@@ -174,12 +218,19 @@ def run(args: argparse.Namespace) -> int:
                              device=args.device)
     except (FileNotFoundError, ValueError) as e:
         return _error(str(e))
+    if bundle.num_classes > 256:
+        return _error(
+            f"{args.weights or 'the default model'} has {bundle.num_classes} classes but a label PNG "
+            "holds at most 256 class indices: use deeplab.segment() from Python, which returns "
+            "int32 labels for such models"
+        )
     crf = None
     if args.crf:
         from deeplab.crf import DenseCRF
 
         crf = DenseCRF(**bundle.crf_params)
-    max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
+    max_image_pixels = DEFAULT_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels
 
     def notice(msg: str) -> None:
         bar.write(f"notice: {msg}", file=sys.stderr)
@@ -187,7 +238,6 @@ def run(args: argparse.Namespace) -> int:
     failures = list(problems)
     for msg in problems:
         print(f"skipped: {msg}", file=sys.stderr)
-    stems = _unique_stems(paths)
     done = 0
     from tqdm import tqdm
 
@@ -218,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for path, stem in zip(paths, stems):
             try:
-                img = read_image(path)
+                img = read_image(path, max_pixels=max_image_pixels)
             except (ImageReadError, OSError) as e:
                 failures.append(str(e))
                 bar.write(f"skipped: {e}", file=sys.stderr)

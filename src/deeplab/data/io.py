@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageReadError",
     "ImageNotFoundError",
+    "pil_to_rgb",
     "read_image",
     "read_mask",
     "read_mat_mask",
@@ -56,9 +57,13 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
             width, height = img.size
             if width * height > max_pixels:
                 img.close()
+                # Name both ways to raise the cap: read_image's max_pixels is not the network
+                # size cap that deeplab.segment(max_pixels=...) and --max-pixels set.
                 raise ImageReadError(
                     f"{path}: {width}x{height} = {width * height} pixels exceeds the cap of "
-                    f"{max_pixels} (raise max_pixels if the file is trusted, or downscale it)"
+                    f"{max_pixels} pixels for decoding an image (a guard against decompression "
+                    "bombs): downscale the file, or if it is trusted raise the cap "
+                    "(deeplab segment --max-image-pixels N; read_image(path, max_pixels=N) in Python)"
                 )
             img.load()
     except ImageReadError:
@@ -102,16 +107,31 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
         ImageReadError: missing, unreadable, truncated or oversized file (the message names it).
     """
     path = Path(path)
-    img = _open(path, max_pixels)
+    return pil_to_rgb(_open(path, max_pixels), str(path))
+
+
+def pil_to_rgb(img: Image.Image, name: str = "PIL image") -> np.ndarray:
+    """Convert a decoded PIL image to RGB uint8 as :func:`read_image` does (no EXIF step).
+
+    Args:
+        img: any PIL image.
+        name: what to call it in error messages (the file name for :func:`read_image`).
+
+    Returns:
+        ``np.ndarray`` uint8 (H, W, 3) RGB; 16-bit grayscale is scaled by 1/257.
+
+    Raises:
+        ImageReadError: a floating-point (mode F) image, or an unexpected decoded layout.
+    """
     mode = img.mode
     if mode in _WIDE_INT_MODES or mode == "F":
-        gray = np.asarray(img)
         if mode == "F":
             raise ImageReadError(
-                f"{path}: floating-point image (mode F) has no defined 0..255 range; convert it to "
+                f"{name}: floating-point image (mode F) has no defined 0..255 range; convert it to "
                 "8-bit before use"
             )
-        gray = _wide_to_uint8(gray)
+        # Pillow's convert("RGB") clips 16-bit values at 255 instead of scaling them.
+        gray = _wide_to_uint8(np.asarray(img))
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode != "RGB":
         if mode in ("P", "PA") and "transparency" in img.info:
@@ -121,7 +141,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
     if not out.flags.writeable:  # Pillow hands out a read-only buffer; callers may edit in place
         out = out.copy()
     if out.dtype != np.uint8 or out.ndim != 3 or out.shape[2] != 3:
-        raise ImageReadError(f"{path}: unexpected decoded layout {out.shape} {out.dtype} (mode {mode})")
+        raise ImageReadError(f"{name}: unexpected decoded layout {out.shape} {out.dtype} (mode {mode})")
     return out
 
 

@@ -259,6 +259,10 @@ def predict_logits(
         raise ValueError(f"msc_scales must be positive, got {scales}")
     if not input_scale > 0:
         raise ValueError(f"input_scale must be positive, got {input_scale}")
+    if max_pixels is not None and not max_pixels >= 1:
+        raise ValueError(
+            f"max_pixels must be a positive number of pixels (or None: no cap), got {max_pixels}"
+        )
     builtin = _builtin_msc(model)
     if builtin is not None and scales:
         if set(scales) - {1.0} != set(builtin) - {1.0}:

@@ -265,17 +265,15 @@ def _cached_bundle(weights: str | os.PathLike | None, model_name: str | None,
 
 
 def _as_image(image: Any) -> np.ndarray:
-    from deeplab.data.io import read_image
+    from PIL import Image
+
+    from deeplab.data.io import pil_to_rgb, read_image
 
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
-    try:
-        from PIL import Image
-
-        if isinstance(image, Image.Image):
-            return np.asarray(image.convert("RGB"))
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        pass
+    if isinstance(image, Image.Image):
+        # read_image's conversion: 16-bit scaled, mode F refused (convert("RGB") clips both).
+        return pil_to_rgb(image)
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
