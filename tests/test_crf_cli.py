@@ -117,3 +117,19 @@ def test_crf_cli_batches_give_the_labels_of_single_images(tmp_path, shared_data,
         np.testing.assert_array_equal(np.array(Image.open(out / f"{name}.png")), labels)
     assert main(["crf", "--images", str(images), "--probs", str(probs), "--out", str(out),
                  "--batch", "0", "--no-progress"]) == 2
+
+
+def test_crf_cli_two_images_of_one_id(tmp_path, shared_data, capsys):
+    """x.jpg and x.png would share x.npy and x.png's output: the second is reported, not written over the first."""
+    images, probs, expected = _write_case(tmp_path, shared_data)
+    name = "2008_005376"
+    first = np.array(Image.open(images / f"{name}.png"))
+    Image.fromarray(255 - first).save(images / f"{name}.jpg")  # sorts first: .jpg < .png
+    out = tmp_path / "out"
+    status = main(["crf", "--images", str(images), "--probs", str(probs), "--out", str(out),
+                   "--workers", "1", "--no-progress", "--palette", "none"])
+    err = capsys.readouterr().err
+    assert status == 1 and f"{name}.png: {name}.jpg has the same id" in err
+    # the other id is untouched; this id's output comes from the one image that was paired
+    np.testing.assert_array_equal(np.array(Image.open(out / "2009_002205.png")), expected["2009_002205"])
+    assert (out / f"{name}.png").is_file()

@@ -59,9 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _find_pairs(images: Path, probs: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     pairs, missing = [], []
+    seen: dict[str, Path] = {}
     for path in sorted(images.iterdir()):
         if path.suffix.lower() not in _IMAGE_SUFFIXES or path.name.startswith("."):
             continue
+        if path.stem in seen:  # both would read <id>.npy and write <id>.png, the second over the first
+            missing.append(f"{path.name}: {seen[path.stem].name} has the same id {path.stem!r}, and an id has "
+                           "one probability file and one output; move one of them to another folder")
+            continue
+        seen[path.stem] = path
         for suffix in (".npy", ".npz"):
             candidate = probs / f"{path.stem}{suffix}"
             if candidate.is_file():
