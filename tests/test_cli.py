@@ -220,3 +220,112 @@ def test_eval_inference_options_reach_evaluate(setup, tmp_path):
     s = r["settings"]
     assert (s["msc_scales"], s["flip"], s["sliding_window"], s["overlap"], s["precision"], s["limit"]) == (
         [0.5], True, 32, 0.5, "fp32", 1)
+
+
+def _bad_folder_dataset(root: Path) -> tuple[Path, Path]:
+    """A folder data set whose second mask is half the size of its image; returns (root, that image)."""
+    data = write_folder_dataset(root, random_dataset(n=2, sizes=((24, 32), (32, 40))))
+    mask = data / "masks" / "img01.png"
+    Image.open(mask).resize((20, 16), Image.NEAREST).save(mask)
+    return data, data / "images" / "img01.png"
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_eval_bad_sample_is_one_error_line_also_from_a_worker(setup, tmp_path, capsys, workers):
+    _, _, weights, _ = setup
+    data, bad = _bad_folder_dataset(tmp_path / "bad")
+    assert run_cli(_eval_args(data, weights, "--workers", workers)) == 2
+    err = capsys.readouterr().err
+    # torch writes the worker's whole traceback into the message it re-raises
+    line = err[err.index("error:"):]
+    assert line.startswith(f"error: {bad}: image is 32x40 but its mask") and line.count("\n") == 1, err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+
+
+def test_unwrap_worker_error_keeps_other_errors():
+    from deeplab.data.loader import unwrap_worker_error
+
+    plain = ValueError("x.png: bad")
+    assert unwrap_worker_error(plain) is plain
+    wrapped = KeyError("Caught KeyError in DataLoader worker process 0.\nOriginal Traceback ...")
+    assert unwrap_worker_error(wrapped) is wrapped  # no line to take the message from
+
+
+def test_crf_search_bad_sample_is_an_error_line(setup, tmp_path, capsys):
+    _, _, weights, _ = setup
+    data, bad = _bad_folder_dataset(tmp_path / "bad")
+    assert run_cli(["crf-search", "--dataset", "folder", "--data-root", str(data), "--split", "all",
+                    "--weights", str(weights), "--bi-w", "3", "--bi-xy-std", "30", "--bi-rgb-std", "3",
+                    "--no-refine", "--iterations", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}: image is 32x40" in err and "Traceback" not in err
+
+
+def test_save_probs_with_sub_folder_ids_and_crf_search_reads_them(setup, tmp_path, capsys):
+    _, _, weights, _ = setup
+    data = write_folder_dataset(tmp_path / "flat", random_dataset(n=2, sizes=((24, 32), (32, 40))))
+    for kind in ("images", "masks"):  # the documented sub-folder layout: ids "seqA/img00" ...
+        (data / kind / "seqA").mkdir()
+        for f in list((data / kind).glob("*.png")):
+            f.rename(data / kind / "seqA" / f.name)
+    probs = tmp_path / "probs"
+    assert run_cli(_eval_args(data, weights, "--save-probs", str(probs))) == 0
+    assert sorted(p.relative_to(probs).as_posix() for p in probs.rglob("*.npy")) == [
+        "seqA/img00.npy", "seqA/img01.npy"]
+    assert not list(probs.rglob(".*tmp"))
+    assert run_cli(["crf-search", "--dataset", "folder", "--data-root", str(data), "--split", "all",
+                    "--probs", str(probs), "--bi-w", "3", "--bi-xy-std", "30", "--bi-rgb-std", "3",
+                    "--no-refine", "--iterations", "1"]) == 0
+
+
+@pytest.mark.parametrize("params, message", [
+    ("iterations=-1", "iterations must be an int >= 0"),
+    ("bi_xy_std=0", "bi_xy_std must be a positive number"),
+    ("bi_w=nan", "bi_w"),
+    ("iterations=2.7", "whole number"),
+])
+def test_eval_bad_crf_values_are_error_lines(setup, capsys, params, message):
+    _, data, weights, _ = setup
+    assert run_cli(_eval_args(data, weights, "--crf", "--crf-params", params)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "--crf-params" in err
+
+
+def test_json_output_is_checked_before_the_work(setup, tmp_path, capsys, monkeypatch):
+    import deeplab.engine.evaluate as engine
+
+    _, data, weights, _ = setup
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --json"))
+    monkeypatch.setattr(engine, "crf_grid_search", lambda *a, **k: pytest.fail("searched before checking --json"))
+    folder = tmp_path / "jdir"
+    folder.mkdir()
+    assert run_cli(_eval_args(data, weights, "--json", str(folder))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --json:") and "is a folder" in err
+    search = ["crf-search", "--dataset", "folder", "--data-root", str(data), "--split", "all",
+              "--weights", str(weights), "--bi-w", "3", "--bi-xy-std", "30", "--bi-rgb-std", "3", "--no-refine"]
+    assert run_cli([*search, "--json", str(folder)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    assert run_cli([*search, "--json", str(blocker / "sub" / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --json:") and str(blocker) in err
+
+
+def test_non_utf8_class_file_names_the_file(setup, tmp_path, capsys):
+    _, _, weights, _ = setup
+    data = write_folder_dataset(tmp_path / "d", random_dataset(n=1))
+    (data / "classes.txt").write_bytes(b"\xff\xfe\n")
+    assert run_cli(_eval_args(data, weights)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and f"{data / 'classes.txt'} is not UTF-8 text" in err
+
+
+def test_missing_listed_file_hint_names_a_real_option(setup, tmp_path, capsys):
+    _, _, weights, _ = setup
+    data = write_folder_dataset(tmp_path / "d", random_dataset(n=2))
+    (data / "masks" / "img01.png").unlink()
+    assert run_cli(_eval_args(data, weights)) == 2
+    err = capsys.readouterr().err
+    assert "img01.png" in err and "data.options: {skip_bad: true}" in err

@@ -118,3 +118,10 @@ def test_every_shipped_config_validates(path):
     assert cfg.model.name in list_models()
     assert cfg.data.dataset in list_datasets(), f"{cfg.data.dataset} is not a known data set"
     assert cfg.solver.momentum == 0.9 and cfg.solver.lr_power == 0.9 and cfg.solver.weight_decay == 5e-4
+
+
+def test_non_utf8_config_names_the_file(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match=r"bin\.yaml is not UTF-8 text"):
+        load_config(path)

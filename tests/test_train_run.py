@@ -290,3 +290,89 @@ def test_named_class_weights_come_from_the_training_masks(camvid_root, tmp_path)
     # The list the README's from-scratch CamVid run passes by hand (4 decimals) is this weighting.
     np.testing.assert_allclose(sqrt_median_frequency_weights(freqs), [0.5286, 0.4493, 2.1884, 0.3861, 1.0, 0.6508,
                                                                     1.9612, 1.4071, 0.8883, 2.5268, 2.9697], atol=6e-5)
+
+
+def _tiny_camvid(root: Path, bad: str | None = None, split: str = "train") -> Path:
+    """Two 72x96 CamVid-layout samples (SPLIT/, SPLITannot/); ``bad="size"`` halves the second mask,
+    ``bad="label"`` puts label 40 into it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for folder in (split, f"{split}annot"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)).save(root / split / f"s{i}.png")
+        mask = rng.integers(0, 11, (72, 96), dtype=np.uint8)
+        if i == 1 and bad == "size":
+            mask = mask[::2, ::2]
+        elif i == 1 and bad == "label":
+            mask[0, 0] = 40
+        Image.fromarray(mask).save(root / f"{split}annot" / f"s{i}.png")
+    return root
+
+
+def _tiny_cfg(root: Path, **changes) -> dict:
+    return _config(root, **{"data.crop_size": 65, "solver.batch_size": 2, "solver.max_iter": 1,
+                            "checkpoint_interval": 1, "device": "cpu", **changes})
+
+
+@pytest.mark.parametrize("bad, workers", [("size", 0), ("size", 1), ("label", 0)])
+def test_bad_training_sample_is_one_error_line(tmp_path, capsys, bad, workers):
+    from deeplab.cli import main
+
+    root = _tiny_camvid(tmp_path / "data", bad)
+    cfg = _write(tmp_path, _tiny_cfg(root, **{"data.num_workers": workers}))
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    line = err[err.index("error:"):]
+    named = root / ("trainannot" if bad == "label" else "train") / "s1.png"  # the file to fix
+    assert line.startswith(f"error: training data: {named}: ") and line.count("\n") == 1, err
+    assert "data.options: {skip_bad: true}" in line
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    # ... and the option the message names skips the sample
+    cfg = _write(tmp_path, _tiny_cfg(root, **{"data.options": {"skip_bad": True}}))
+    with pytest.warns(UserWarning, match="skipping bad sample"):
+        assert main(["train", str(cfg), "--out", str(tmp_path / "run2"), "--no-progress"]) == 0
+
+
+def test_bad_validation_sample_is_one_error_line(tmp_path, capsys):
+    from deeplab.cli import main
+
+    root = _tiny_camvid(_tiny_camvid(tmp_path / "data"), "size", split="val")
+    cfg = _write(tmp_path, _tiny_cfg(root, **{"data.val_split": "val", "checkpoint_interval": 0}))
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: validation data: {root / 'val' / 's1.png'}: image is 72x96" in err
+    assert "Traceback" not in err
+
+
+def test_resume_from_a_weights_file_or_another_model_is_a_short_error(tmp_path, capsys):
+    from deeplab.cli import main
+
+    root = _tiny_camvid(tmp_path / "data")
+    cfg = _tiny_cfg(root, **{"solver.max_iter": 2})
+    path = _write(tmp_path, cfg)
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    folder = run / "checkpoints"
+    weights = folder / "iter_0000002.safetensors"
+    assert main(["train", str(path), "--out", str(run), "--resume", str(weights), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "is a weights file" in err and f"--resume {folder / 'iter_0000002.pt'}" in err
+    assert "no earlier checkpoint" not in err
+    # last.safetensors has no iter_N.pt twin: the way to reuse its weights is init_weights
+    assert main(["train", str(path), "--out", str(run), "--resume", str(run / "last.safetensors")]) == 1
+    assert "init_weights:" in capsys.readouterr().err
+    # a checkpoint under another name still offers the real ones
+    (folder / "backup.pt").write_bytes(b"junk")
+    assert main(["train", str(path), "--out", str(run), "--resume", str(folder / "backup.pt")]) == 1
+    assert "--resume " + str(folder / "iter_0000002.pt") in capsys.readouterr().err
+
+    saved = (run / "config.yaml").read_text()
+    other = _write(tmp_path, {**cfg, "model": {**cfg["model"], "name": "deeplab_v2_resnet34"}}, "other.yaml")
+    assert main(["train", str(other), "--out", str(run), "--resume", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit model 'deeplab_v2_resnet34'" in err and "'deeplab_v2_resnet18'" in err
+    assert "tensor(s) missing" in err and len(err) < 1000, err  # a few names and a count, not hundreds
+    assert (run / "config.yaml").read_text() == saved  # the refused resume left the run's config

@@ -128,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--iterations must be >= 0, got {args.iterations}")
     if args.probs is not None and not args.probs.is_dir():
         return _error(f"--probs {args.probs}: no such folder (write it with 'deeplab eval --save-probs')")
+    if args.json is not None:
+        from deeplab.cli.evaluate import check_json_path
+
+        reason = check_json_path(args.json)  # before the search: its results must not be lost
+        if reason:
+            return _error(f"--json: {reason}")
 
     import numpy as np
     import torch
@@ -169,12 +175,15 @@ def run(args: argparse.Namespace) -> int:
 
         samples = []
         # Computed once, held as float16: every CRF setting reuses them.
-        for i in tqdm(range(n), desc="probabilities", unit="img", file=sys.stderr):
-            image, mask = dataset[i]
-            probs = predict_probs(bundle.model, image, normalization=bundle.normalization,
-                                  msc_scales=args.msc, flip=args.flip, precision=args.precision,
-                                  input_scale=bundle.scale_for(args.input_scale))
-            samples.append((image, probs[0].to(torch.float16).cpu(), mask))
+        try:
+            for i in tqdm(range(n), desc="probabilities", unit="img", file=sys.stderr):
+                image, mask = dataset[i]
+                probs = predict_probs(bundle.model, image, normalization=bundle.normalization,
+                                      msc_scales=args.msc, flip=args.flip, precision=args.precision,
+                                      input_scale=bundle.scale_for(args.input_scale))
+                samples.append((image, probs[0].to(torch.float16).cpu(), mask))
+        except ValueError as e:  # a bad sample (size mismatch, labels out of range, unreadable file)
+            return _error(str(e))
         source = f"computed with {bundle.name} ({args.weights or 'default weights'})"
 
     fixed = dict(pos_w=args.pos_w, pos_xy_std=args.pos_xy_std, iterations=args.iterations)

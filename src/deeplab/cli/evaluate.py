@@ -48,8 +48,20 @@ def parse_crf_params(text: str | None) -> dict[str, float]:
             num = float(value)
         except ValueError:
             raise ValueError(f"--crf-params: {key}={value!r} is not a number") from None
+        if key == "iterations" and not num.is_integer():
+            raise ValueError(f"--crf-params: iterations={value!r} must be a whole number")
         out[key] = int(num) if key == "iterations" else num
     return out
+
+
+def check_json_path(path: Path) -> str | None:
+    """None if the ``--json`` file ``path`` can be written (its folder is created), else the reason.
+
+    Checked before the work starts, so that no result computed for hours is lost at the end.
+    """
+    if path.is_dir():
+        return f"{path} is a folder: give a file name, e.g. {path / 'results.json'}"
+    return check_writable(path.parent)
 
 
 def _crf_fields(cls: type) -> list[str]:
@@ -142,12 +154,15 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(e))
     if crf_params and not args.crf:
         return _error("--crf-params given without --crf: add --crf to use the CRF")
-    for folder, flag in ((args.save_probs, "--save-probs"), (args.report, "--report"),
-                         (args.json.parent if args.json else None, "--json")):
+    for folder, flag in ((args.save_probs, "--save-probs"), (args.report, "--report")):
         if folder is not None:
             reason = check_writable(folder)
             if reason:
                 return _error(f"{flag}: {reason}")
+    if args.json is not None:
+        reason = check_json_path(args.json)
+        if reason:
+            return _error(f"--json: {reason}")
 
     from deeplab.data import build_dataset
     from deeplab.engine.distributed import cleanup, init_distributed
@@ -175,7 +190,11 @@ def run(args: argparse.Namespace) -> int:
         from deeplab.crf import DenseCRF
 
         crf_params = {**bundle.crf_params, **crf_params}
-        crf = DenseCRF(**crf_params)
+        try:
+            crf = DenseCRF(**crf_params)
+        except ValueError as e:  # a value out of range (iterations=-1, bi_xy_std=0, nan ...)
+            given = ",".join(f"{k}={v}" for k, v in crf_params.items())
+            return _error(f"{e} (CRF parameters {given}): set a valid value with --crf-params")
 
     info = init_distributed(device.split(":")[0])
     if device.startswith("cuda") and info.world_size > 1:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["build_dataloader", "collate_pairs", "seed_worker", "set_epoch"]
+__all__ = ["build_dataloader", "collate_pairs", "iter_loader", "seed_worker", "set_epoch", "unwrap_worker_error"]
 
 
 def _stack(items: Sequence[Any]) -> Any:
@@ -131,3 +131,42 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
+
+
+def unwrap_worker_error(exc: BaseException) -> BaseException:
+    """The error a DataLoader worker raised, without the traceback torch writes into its message.
+
+    torch re-raises a worker's exception as ``type(exc)("Caught X in DataLoader worker process N.
+    Original Traceback ...")``; the project's errors are one paragraph naming the file, so this
+    rebuilds the exception from the original message (the traceback's last entry). Any other
+    exception is returned unchanged.
+    """
+    text = str(exc)
+    if not (text.startswith("Caught ") and "DataLoader worker" in text.split("\n", 1)[0]):
+        return exc
+    cls = type(exc)
+    # The name as the traceback module writes it on the exception's line.
+    name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else f"{cls.__module__}.{cls.__qualname__}"
+    at = text.rfind(f"\n{name}: ")
+    if at < 0:
+        return exc
+    try:
+        return cls(text[at + len(name) + 3 :].strip())
+    except Exception:  # a constructor that does not take one message
+        return exc
+
+
+def iter_loader(loader: Iterable[Any]) -> Iterator[Any]:
+    """Iterate ``loader``, re-raising worker errors with their own message (:func:`unwrap_worker_error`)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as e:
+            err = unwrap_worker_error(e)
+            if err is e:
+                raise
+            raise err from None
+        yield batch

@@ -209,7 +209,17 @@ def load_training_state(pt: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
             when there is one, the previous checkpoint to resume from instead.
     """
     pt = Path(pt)
-    older = [p for p in find_checkpoints(pt.parent) if p != pt and _iteration_of(p) < _iteration_of(pt)]
+    if pt.suffix.lower() == ".safetensors":
+        # A weights file holds no optimiser / RNG state; its iter_N.pt twin does.
+        twin = pt.with_suffix(".pt")
+        fix = (f"resume from its training checkpoint with --resume {twin}" if twin.is_file()
+               else f"to start a new run from these weights, set init_weights: {pt} in the config")
+        raise CheckpointError(
+            f"{pt} is a weights file, not a training checkpoint (iter_N.pt with the optimiser state): {fix}"
+        )
+    it = _iteration_of(pt)
+    # A checkpoint under another name (a copy) has no iteration to compare: offer every one.
+    older = [p for p in find_checkpoints(pt.parent) if p != pt and (it < 0 or _iteration_of(p) < it)]
     hint = (
         f"; resume from the previous checkpoint with --resume {older[-1]}"
         if older

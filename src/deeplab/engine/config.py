@@ -413,6 +413,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): "
+                          "give a YAML file, saved as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

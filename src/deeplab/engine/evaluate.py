@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deeplab.data.loader import iter_loader
 from deeplab.engine.inference import (
     DEFAULT_MAX_PIXELS,
     Precision,
@@ -38,8 +39,14 @@ def probs_path(directory: str | Path, sample_id: str) -> Path:
 
 
 def save_probs_npy(path: str | Path, probs: torch.Tensor | np.ndarray) -> None:
-    """Write (C,H,W) probabilities as float16 ``.npy``, atomically (temp file + rename)."""
+    """Write (C,H,W) probabilities as float16 ``.npy``, atomically (temp file + rename).
+
+    Missing parent folders are created: ids with ``/`` (the folder data set's sub-folder
+    splits) put files in sub-folders of the ``--save-probs`` folder.
+    """
     arr = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as f:
         np.save(f, arr.astype(np.float16))
 
@@ -171,11 +178,12 @@ def evaluate(
     per_image: list[dict[str, Any]] = []
     best: list[tuple[float, int, dict]] = []  # min-heap of the best k
     worst: list[tuple[float, int, dict]] = []  # min-heap on -miou: the worst k
-    it: Any = loader
+    # Worker errors (a bad sample) keep their own one-paragraph message.
+    it: Any = iter_loader(loader)
     if progress and _is_main():
         from tqdm import tqdm
 
-        it = tqdm(loader, total=len(local), desc="eval", unit="img")
+        it = tqdm(it, total=len(local), desc="eval", unit="img")
     t0 = time.perf_counter()
     for index, (image, mask) in zip(local, it):
         image = np.asarray(image)

@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deeplab.data.balance import CLASS_WEIGHTINGS, class_frequencies
+from deeplab.data.loader import iter_loader
 from deeplab.engine import checkpoint as ckpt
 from deeplab.engine.config import TrainConfig, resolve_data_root, save_config
 from deeplab.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -55,6 +56,10 @@ __all__ = [
     "train",
     "train_step",
 ]
+
+
+# The config's way to skip bad samples (deeplab train has no flag for it).
+_SKIP_BAD_HINT = " (or skip bad samples with data.options: {skip_bad: true} in the config)"
 
 
 class TrainingError(RuntimeError):
@@ -270,6 +275,26 @@ def _load_init_weights(model: nn.Module, path: Path, log) -> None:
     if missing:
         msg += f"; {len(missing)} left at their initialisation ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})"
     log(msg)
+
+
+def _state_dict_misfit(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> str:
+    """'' if ``loaded`` fits ``own`` name for name and shape, else a short summary (a few names and
+    counts: torch's own message lists every key, hundreds for another backbone)."""
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+
+    missing = [k for k in own if k not in loaded]
+    unexpected = [k for k in loaded if k not in own]
+    shapes = [k for k in own if k in loaded and tuple(own[k].shape) != tuple(loaded[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({some(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({some(shapes)})")
+    return ", ".join(parts)
 
 
 def _weights_metadata(cfg: TrainConfig, dataset: Any, num_classes: int, iteration: int) -> dict[str, Any]:
@@ -507,7 +532,6 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
             ) from None
     if main:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     barrier()
 
     # ---- data ------------------------------------------------------------------------------
@@ -521,6 +545,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
         raise TrainingError(f"cannot load data set {d.dataset!r} from {root}: {e}") from None
     if len(train_ds) == 0:
         raise TrainingError(f"the {d.train_split!r} split of {root} is empty")
+    skip_hint = "" if d.options.get("skip_bad") else _SKIP_BAD_HINT
     ds_ignore = int(getattr(train_ds, "ignore_index", 255))
     if d.ignore_index != ds_ignore:
         raise TrainingError(f"data.ignore_index is {d.ignore_index} but the {d.dataset} masks mark ignored pixels "
@@ -594,10 +619,14 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
             state, model_state = ckpt.load_training_state(resume_from)
         except ckpt.CheckpointError as e:
             raise TrainingError(str(e)) from None
-        try:
-            core.load_state_dict(model_state, strict=True)
-        except RuntimeError as e:
-            raise TrainingError(f"checkpoint {resume_from} does not fit model {m.name!r}: {e}") from None
+        misfit = _state_dict_misfit(core.state_dict(), model_state)
+        if misfit:
+            raise TrainingError(
+                f"checkpoint {resume_from} (model {state.get('model', '?')!r}) does not fit model {m.name!r} "
+                f"of this config: {misfit}; resume with the config the run was started with "
+                f"({resume_from.parent.parent / 'config.yaml'}) or start a new run in another --out"
+            )
+        core.load_state_dict(model_state, strict=True)
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["iteration"])
         best = dict(state.get("best", best))
@@ -615,6 +644,8 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
         # Each process its own dropout stream (the weights were initialised identically above).
         torch.manual_seed(_mix(cfg.seed, 1 + dist_info.rank))
     scheduler.step_to(start)
+    if main:  # only now: a resume refused above leaves the run's own config.yaml as it was
+        save_config(cfg, out / "config.yaml")
 
     if dist_info.is_distributed:
         ddp_kwargs: dict[str, Any] = {"device_ids": [device.index]} if device.type == "cuda" else {}
@@ -667,8 +698,11 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
         from deeplab.engine.evaluate import evaluate
 
         was_training = core.training
-        metrics = evaluate(core, val_ds, normalization=d.normalization, precision=cfg.precision,
-                           limit=d.val_max_images, device=device, optimize=True, num_workers=0)
+        try:
+            metrics = evaluate(core, val_ds, normalization=d.normalization, precision=cfg.precision,
+                               limit=d.val_max_images, device=device, optimize=True, num_workers=0)
+        except ValueError as e:  # BadSampleError / ImageReadError, naming the file
+            raise TrainingError(f"validation data: {e}{skip_hint}") from None
         core.train(was_training)
         return _plain_metrics(metrics)
 
@@ -676,7 +710,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
     model.train()
     bar = tqdm(total=s.max_iter, initial=start, disable=not (progress and main), unit="it",
                dynamic_ncols=True, file=sys.stderr)
-    batches = iter(loader)
+    batches = iter_loader(loader)  # a worker's error keeps its own message
     last_ckpt = ckpt.find_checkpoints(run.checkpoints)
     last_good = str(last_ckpt[-1]) if last_ckpt else None
     t_window, n_window = time.perf_counter(), 0
@@ -685,7 +719,10 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
     try:
         for it in range(start, s.max_iter):
             lr = scheduler.step_to(it)
-            micro = [next(batches) for _ in range(s.iter_size)]
+            try:
+                micro = [next(batches) for _ in range(s.iter_size)]
+            except ValueError as e:  # BadSampleError / ImageReadError, naming the file
+                raise TrainingError(f"training data: {e}{skip_hint}") from None
             micro = [(img.to(device, non_blocking=True).contiguous(memory_format=memory_format),
                       lab.to(device, non_blocking=True)) for img, lab in micro]
             loss_sum = train_step(model, optimizer, micro, precision=cfg.precision,

@@ -37,11 +37,14 @@ def read_list_file(path: Path, *, what: str) -> list[list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{what}: split list {path} not found")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                rows.append(line.split())
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    rows.append(line.split())
+    except UnicodeDecodeError:
+        raise ValueError(f"{what}: {path} is not UTF-8 text; save it as UTF-8") from None
     return rows
 
 
@@ -128,7 +131,11 @@ class SegmentationDataset(Dataset):
         first = ", ".join(str(p) for _, p in missing[:5])
         msg = f"{self.source}: {len(missing)} listed file(s) missing, e.g. {first}"
         if not self.skip_bad:
-            raise FileNotFoundError(msg + " (fix the paths or pass skip_bad=True to skip them)")
+            # No CLI flag here: eval should score the whole split, training can skip (data.options).
+            raise FileNotFoundError(
+                msg + " (fix the paths or the split list; to skip such samples, set data.options: "
+                "{skip_bad: true} in a training config, or pass skip_bad=True in Python)"
+            )
         bad_ids = {s.id for s, _ in missing}
         for s, p in missing:
             self.bad_samples[str(p)] = "file not found"
