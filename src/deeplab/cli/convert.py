@@ -20,6 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
+# Metadata that holds one entry per class (logit_adjustment: scripts/package_default_model.py).
+_PER_CLASS_KEYS = ("class_names", "palette", "logit_adjustment")
 # The Caffe releases and kazuto1011's ports feed BGR images minus the ImageNet mean, unscaled.
 _CAFFE_NORMALIZATION = {"mode": "caffe_bgr", "mean": [104.008, 116.669, 122.675]}
 
@@ -50,9 +52,22 @@ def _read_class_names(path: Path, num_classes: int | None) -> list[str]:
         names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as e:
         raise ValueError(f"cannot read --class-names {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--class-names {path} is not UTF-8 text: save it as UTF-8, one class name a line") from None
     if num_classes is not None and len(names) != num_classes:
         raise ValueError(f"--class-names {path} lists {len(names)} names but the model has {num_classes} classes")
     return names
+
+
+def prepare_destination(dst: Path, name: str) -> None:
+    """Create the folder of an output file, as ``segment`` does for --out; ValueError if ``dst``
+    cannot be one (a folder, or under a file). ``name`` is how the user gave it, e.g. ``--out``."""
+    if dst.is_dir():
+        raise ValueError(f"{name} {dst} is a folder: give a file name inside it, e.g. {dst / ('model' + dst.suffix)}")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the folder {dst.parent} for {name} {dst}: {e.strerror or e}") from None
 
 
 def _caffe_num_classes(layers) -> int | None:
@@ -77,6 +92,7 @@ def _convert(args: argparse.Namespace) -> int:
         raise ValueError(f"destination {args.dst} must end with .safetensors")
     if args.num_classes is not None and args.num_classes < 1:
         raise ValueError(f"--num-classes {args.num_classes} must be a positive integer")
+    prepare_destination(args.dst, "destination")
     fmt = weights_format(src)
     metadata: dict = {}
     if fmt == "caffe":
@@ -105,10 +121,14 @@ def _convert(args: argparse.Namespace) -> int:
         prefix = model_key_prefix(model.state_dict())
         result = apply_state_dict(model, {prefix + k: v for k, v in state.items()}, source=str(src),
                                   layout=layout, strict=not args.partial)
+    # Per-class entries describe the source's classifier, not one with another class count.
+    stale = [k for k in _PER_CLASS_KEYS if k in metadata and (
+        metadata.get("num_classes", model.num_classes) != model.num_classes
+        or (isinstance(metadata[k], list) and len(metadata[k]) != model.num_classes))]
+    for key in stale:
+        del metadata[key]
     if args.class_names is not None:
         metadata["class_names"] = _read_class_names(args.class_names, model.num_classes)
-    elif "class_names" in metadata and len(metadata["class_names"]) != model.num_classes:
-        del metadata["class_names"]
     if layout in ("caffe", "kazuto1011"):
         metadata.setdefault("normalization", _CAFFE_NORMALIZATION)
     metadata.update(model=args.model, num_classes=model.num_classes)
@@ -120,6 +140,8 @@ def _convert(args: argparse.Namespace) -> int:
     if result.missing or result.skipped_shape:
         kept = result.missing + result.skipped_shape
         print(f"  kept the fresh initialisation for {len(kept)} tensor(s): {kept[:6]}{' ...' if len(kept) > 6 else ''}")
+    if stale:
+        print(f"  dropped the source's per-class metadata ({', '.join(stale)}): not for {model.num_classes} classes")
     if result.unexpected:
         print(f"  ignored {len(result.unexpected)} entr(ies) of the file: {result.unexpected[:6]}"
               f"{' ...' if len(result.unexpected) > 6 else ''}")
@@ -132,4 +154,7 @@ def run(args: argparse.Namespace) -> int:
         return _convert(args)
     except (ValueError, FileNotFoundError) as e:  # CaffeModelError / WeightsMismatchError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # writing: permission denied, disk full ...
+        print(f"error: cannot write {args.dst}: {e.strerror or e}", file=sys.stderr)
         return 1

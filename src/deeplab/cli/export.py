@@ -44,6 +44,10 @@ def _build(args: argparse.Namespace):
     metadata = read_metadata(weights)
     if args.model and metadata.get("model") not in (None, args.model):
         raise ValueError(f"{weights} holds a {metadata['model']!r} model, not --model {args.model!r}")
+    if not args.model and not metadata.get("model"):
+        raise ValueError(f"{weights}: the file does not say which model it holds (no metadata): pass --model NAME "
+                         "(deeplab models --names lists the names), and --num-classes N if its classifier "
+                         "cannot tell")
     overrides: dict = {"msc_scales": None}  # the graph is the single-scale network
     if args.model:
         overrides["model"] = args.model
@@ -69,22 +73,41 @@ def _peek_num_classes(path: Path, fmt: str) -> int | None:
 
 def run(args: argparse.Namespace) -> int:
     """Export the model; returns the exit status."""
+    import torch
+
+    from deeplab.cli.convert import prepare_destination
     from deeplab.weights import export_onnx
+    from deeplab.weights.onnx_export import supported_opsets
 
     try:
         if args.out.suffix.lower() != ".onnx":
             raise ValueError(f"--out {args.out} must end with .onnx")
-        if args.height < 1 or args.width < 1 or args.opset < 7:
-            raise ValueError(f"bad --height/--width/--opset: {args.height}, {args.width}, {args.opset}")
+        if args.height < 1 or args.width < 1:
+            raise ValueError(f"--height and --width must be positive, got {args.height} and {args.width}")
+        opsets = supported_opsets()
+        if args.opset not in opsets:
+            raise ValueError(f"--opset {args.opset} is not supported by this torch's ONNX exporter: use "
+                             f"{opsets[0]} to {opsets[-1]} (17 is the default)")
+        prepare_destination(args.out, "--out")
         model, metadata = _build(args)
         keep = ("model", "num_classes", "class_names", "palette", "normalization", "model_kwargs")
         props = {k: metadata[k] for k in keep if k in metadata}
         props["output_stride"] = model.output_stride
         t0 = time.perf_counter()
-        export_onnx(model, args.out, height=args.height, width=args.width, opset=args.opset,
-                    dynamic=args.dynamic, metadata=props)
+        try:
+            export_onnx(model, args.out, height=args.height, width=args.width, opset=args.opset,
+                        dynamic=args.dynamic, metadata=props)
+        except RuntimeError as e:  # the trace runs the network once on a zero image of this size
+            if not (isinstance(e, torch.OutOfMemoryError) or "alloc" in str(e)):
+                raise
+            raise ValueError(f"not enough memory to trace the network on a {args.height}x{args.width} input: "
+                             "reduce --height/--width (with --dynamic the exported graph still takes any "
+                             "size)") from None
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # writing: permission denied, disk full ...
+        print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     size_mb = args.out.stat().st_size / 2**20
     print(f"wrote {args.out} ({size_mb:.1f} MiB, {metadata['model']}, {model.num_classes} classes, "

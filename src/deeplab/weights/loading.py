@@ -306,23 +306,23 @@ def build_from_weights(path: str | os.PathLike[str], **overrides: Any) -> tuple[
     name = overrides.get("model") or metadata.get("model")
     num_classes = overrides.get("num_classes") or metadata.get("num_classes")
     if not name or not num_classes:
+        # Mostly met through the CLI (segment, eval, export), so the fix is given as a command first.
         raise ValueError(
-            f"{path}: the file does not say which model it holds (no 'model' / 'num_classes' metadata); "
-            "pass model=... and num_classes=..., or convert it first: "
-            "deeplab convert SRC DST.safetensors --model NAME --num-classes N"
+            f"{path}: the file does not say which model it holds (no 'model' / 'num_classes' metadata): "
+            f"convert it once to a file that does: deeplab convert {path} {path.with_suffix('.safetensors').name} "
+            "--model NAME [--num-classes N] (deeplab models --names lists the names); "
+            "from Python, pass build_from_weights(path, model=..., num_classes=...)"
         )
     kwargs: dict[str, Any] = {}
-    saved_kwargs = metadata.get("model_kwargs") or {}
-    if not isinstance(saved_kwargs, Mapping):
-        raise ValueError(f"{path}: metadata model_kwargs must be a JSON object, got {saved_kwargs!r}")
+    saved_kwargs = metadata.get("model_kwargs") or {}  # checked by read_metadata
     for key in ("output_stride", "atrous_rates", "msc_scales"):
         value = overrides.get(key, saved_kwargs.get(key))
         if value is not None:
             kwargs[key] = tuple(value) if isinstance(value, (list, tuple)) else value
-    unknown_saved = sorted(set(saved_kwargs) - {"output_stride", "atrous_rates", "msc_scales"})
-    if unknown_saved:
-        raise ValueError(f"{path}: unknown model_kwargs in metadata: {unknown_saved}")
-    model = build_model(name, num_classes=int(num_classes), **kwargs)
+    try:
+        model = build_model(name, num_classes=int(num_classes), **kwargs)
+    except ValueError as e:  # e.g. an unknown model name or a stride the model lacks
+        raise ValueError(f"{path}: {e}") from None
     load_weights(model, path, strict=True)
     model.eval()
     metadata.update(model=name, num_classes=int(num_classes), model_kwargs={

@@ -23,7 +23,18 @@ from torch import nn
 
 from deeplab.fileio import atomic_path
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "supported_opsets"]
+
+
+def supported_opsets() -> range:
+    """The ONNX opsets torch's exporter accepts (it warns above the TorchScript exporter's own
+    maximum, 20 in torch 2.13, but writes a valid graph)."""
+    try:  # torch keeps the range in a private module
+        from torch.onnx import _constants
+
+        return range(_constants.ONNX_MIN_OPSET, _constants.ONNX_MAX_OPSET + 1)
+    except (ImportError, AttributeError):
+        return range(7, 21)
 
 
 def export_onnx(
@@ -43,7 +54,7 @@ def export_onnx(
         path: destination ``.onnx`` file, written atomically.
         height: height of the example input (the fixed input size unless ``dynamic``).
         width: width of the example input.
-        opset: ONNX opset version.
+        opset: ONNX opset version, one of :func:`supported_opsets`.
         dynamic: make batch, height and width dynamic axes.
         metadata: stored in the ONNX ``metadata_props`` (values JSON-encoded).
 
@@ -54,6 +65,10 @@ def export_onnx(
 
     if height < 1 or width < 1:
         raise ValueError(f"export size must be positive, got {height}x{width}")
+    opsets = supported_opsets()
+    if opset not in opsets:
+        raise ValueError(f"opset {opset} is not supported by this torch's ONNX exporter: use {opsets[0]} to "
+                         f"{opsets[-1]} (17 is the default)")
     if getattr(model, "msc_scales", None):
         raise ValueError(
             "export the single-scale network: build it without msc_scales (multi-scale fusion "

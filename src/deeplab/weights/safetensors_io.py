@@ -11,14 +11,19 @@ which ``save_weights`` fills from the model when it can):
 ``normalization``  the input normalisation spec, e.g. ``{"mode": "caffe_bgr", "mean": [...]}``
 ``model_kwargs``   ``{"output_stride": 8, "atrous_rates": [6, 12, 18, 24], "msc_scales": null}``
 ``crf``            ``DenseCRF`` keyword arguments
+``input_scale``    positive number: the factor images are resized by for the network
 anything else      free-form (``source``, ``miou``, ``dataset``...), JSON-encoded too
+
+``save_state_dict`` and ``read_metadata`` check the values of these keys, so that a damaged or
+foreign header is one error naming the file and the key, not a failure deep inside a command.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +109,86 @@ def _model_metadata(model: nn.Module) -> dict[str, Any]:
     return meta
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+# DenseCRF's keyword arguments and its own rules for them (a test holds the two together):
+# importing deeplab.crf here would load numba (~0.3 s) to read a file header.
+_CRF_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "bi_w": (_is_number, "a finite number"),
+    "bi_xy_std": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "bi_rgb_std": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "pos_w": (_is_number, "a finite number"),
+    "pos_xy_std": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "iterations": (lambda v: _is_count(v, 0), "an int >= 0"),
+    "clip": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "cache_positional": (lambda v: isinstance(v, bool), "true or false"),
+    "lattice_fp16": (lambda v: isinstance(v, bool), "true or false"),
+}
+_NORMALIZATION_KEYS = {"caffe_bgr": ("mean",), "rgb": ("mean", "std")}
+_MODEL_KWARGS = ("output_stride", "atrous_rates", "msc_scales")
+
+
+def _check_crf(crf: Any) -> None:
+    if not isinstance(crf, Mapping):
+        raise ValueError(f"metadata crf must be an object of DenseCRF arguments, e.g. {{\"bi_w\": 4}}, got {crf!r}")
+    unknown = sorted(set(crf) - set(_CRF_RULES))
+    if unknown:
+        raise ValueError(f"metadata crf has unknown key(s) {unknown}; DenseCRF takes {', '.join(_CRF_RULES)}")
+    for key, value in crf.items():
+        valid, what = _CRF_RULES[key]
+        if not valid(value):
+            raise ValueError(f"metadata crf.{key} must be {what}, got {value!r}")
+
+
+def _check_normalization(norm: Any) -> None:
+    if not isinstance(norm, Mapping):
+        raise ValueError("metadata normalization must be an object such as "
+                         f'{{"mode": "caffe_bgr", "mean": [104.008, 116.669, 122.675]}}, got {norm!r}')
+    mode = norm.get("mode")
+    if mode not in _NORMALIZATION_KEYS:
+        raise ValueError(f"metadata normalization.mode must be 'caffe_bgr' or 'rgb', got {mode!r}")
+    keys = ["mode", *_NORMALIZATION_KEYS[mode]]
+    if set(norm) != set(keys):
+        raise ValueError(f"metadata normalization for mode {mode!r} takes exactly the keys {keys}, got {sorted(norm)}")
+    for key in _NORMALIZATION_KEYS[mode]:
+        vals = norm[key]
+        if not (isinstance(vals, (list, tuple)) and len(vals) == 3
+                and all(_is_number(v) and (key != "std" or v > 0) for v in vals)):
+            what = "3 positive numbers" if key == "std" else "3 numbers"
+            raise ValueError(f"metadata normalization.{key} must be {what}, got {vals!r}")
+
+
+def _check_model_kwargs(kwargs: Any) -> None:
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"metadata model_kwargs must be an object with keys {list(_MODEL_KWARGS)}, got {kwargs!r}")
+    unknown = sorted(set(kwargs) - set(_MODEL_KWARGS))
+    if unknown:
+        raise ValueError(f"metadata model_kwargs has unknown key(s) {unknown}; valid: {', '.join(_MODEL_KWARGS)}")
+    # null means the model's default (output stride 8, its own rates, single scale).
+    stride, rates, scales = (kwargs.get(k) for k in _MODEL_KWARGS)
+    if stride is not None and not _is_count(stride, 1):
+        raise ValueError(f"metadata model_kwargs.output_stride must be an int such as 8, got {stride!r}")
+    if rates is not None and not (isinstance(rates, (list, tuple)) and rates and all(_is_count(r, 1) for r in rates)):
+        raise ValueError(f"metadata model_kwargs.atrous_rates must be a list of positive ints such as "
+                         f"[6, 12, 18, 24], got {rates!r}")
+    if scales is not None and not (isinstance(scales, (list, tuple)) and all(_is_number(x) and x > 0 for x in scales)):
+        raise ValueError(f"metadata model_kwargs.msc_scales must be null or a list of positive numbers such as "
+                         f"[0.5, 0.75], got {scales!r}")
+
+
 def _validate_metadata(meta: Mapping[str, Any]) -> None:
+    """Check the keys the package reads (see the module docstring); ValueError("metadata KEY ...")."""
+    name = meta.get("model")
+    if name is not None and not (isinstance(name, str) and name):
+        raise ValueError(f"metadata model must be a model name such as 'deeplab_v2_resnet101', got {name!r}")
     n = meta.get("num_classes")
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+    if n is not None and not _is_count(n, 1):
         raise ValueError(f"metadata num_classes must be a positive int, got {n!r}")
     for key in ("class_names", "palette"):
         value = meta.get(key)
@@ -116,14 +198,24 @@ def _validate_metadata(meta: Mapping[str, Any]) -> None:
             raise ValueError(f"metadata {key} must be a list, got {type(value).__name__}")
         if n is not None and len(value) != n:
             raise ValueError(f"metadata {key} has {len(value)} entries but num_classes is {n}")
+    names = meta.get("class_names")
+    if names is not None and not all(isinstance(x, str) for x in names):
+        raise ValueError(f"metadata class_names must be strings, got {names!r}")
     scale = meta.get("input_scale")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+    if scale is not None and not (_is_number(scale) and scale > 0):
         raise ValueError(f"metadata input_scale must be a positive number, got {scale!r}")
     palette = meta.get("palette")
     if palette is not None:
         for rgb in palette:
-            if len(rgb) != 3 or not all(isinstance(c, int) and 0 <= c <= 255 for c in rgb):
+            if not (isinstance(rgb, (list, tuple)) and len(rgb) == 3
+                    and all(_is_count(c, 0) and c <= 255 for c in rgb)):
                 raise ValueError(f"metadata palette entries must be [r, g, b] ints in 0..255, got {rgb!r}")
+    if meta.get("normalization") is not None:
+        _check_normalization(meta["normalization"])
+    if meta.get("model_kwargs") is not None:
+        _check_model_kwargs(meta["model_kwargs"])
+    if meta.get("crf") is not None:
+        _check_crf(meta["crf"])
 
 
 def _to_plain(value: Any) -> Any:
@@ -309,9 +401,12 @@ def save_weights(
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return the decoded metadata of a safetensors weights file (no tensors are read).
+    """Return the decoded, checked metadata of a safetensors weights file (no tensors are read).
 
     Other formats (``.pth``, ``.caffemodel``) carry no metadata: an empty dict is returned.
+    A value the package could not use (e.g. an unknown ``crf`` key, a ``normalization`` that is
+    not an object, a ``num_classes`` that is not a positive int) raises ValueError naming the
+    file and the key.
 
     Args:
         path: the weights file.
@@ -325,9 +420,20 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return _decode_metadata(f.metadata())
+            meta = _decode_metadata(f.metadata())
     except Exception as e:  # safetensors raises its own SafetensorError for a bad header
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    # Checked once here, so that segment, eval, convert and export all refuse a bad value with
+    # the file's name instead of failing deep inside (DenseCRF, normalisation, build_model).
+    try:
+        _validate_metadata(meta)
+    except ValueError as e:
+        raise ValueError(
+            f"{path}: {e}. The file's metadata is damaged or was written by another tool: correct or "
+            "remove that entry of its safetensors header, or re-export the weights from their source "
+            "(deeplab convert, deeplab train)"
+        ) from None
+    return meta
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
