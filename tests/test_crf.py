@@ -409,6 +409,24 @@ def test_bad_parameters():
         DenseCRF(pos_w=float("nan"))
 
 
+def test_numpy_scalar_parameters_become_python_numbers():
+    # A CRF search takes its values from numpy grids (np.arange, np.linspace).
+    crf = DenseCRF(bi_w=np.int64(4), bi_xy_std=np.int64(60), bi_rgb_std=np.float32(3.0),
+                   pos_w=np.float64(3), pos_xy_std=np.int32(1), iterations=np.int64(5))
+    for name in ("bi_w", "bi_xy_std", "bi_rgb_std", "pos_w", "pos_xy_std"):
+        assert type(getattr(crf, name)) is float, name
+    assert type(crf.iterations) is int and crf.iterations == 5
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(3, 9, 11)).astype(np.float32)), 0)
+    plain = DenseCRF(bi_w=4, bi_xy_std=60, bi_rgb_std=3.0, pos_w=3, pos_xy_std=1, iterations=5)
+    assert torch.equal(torch.as_tensor(crf(image, probs)), torch.as_tensor(plain(image, probs)))
+    with pytest.raises(ValueError, match="iterations"):
+        DenseCRF(iterations=np.float32(5))
+    with pytest.raises(ValueError, match="bi_w"):
+        DenseCRF(bi_w=True)
+
+
 def test_malloc_tuning_can_be_turned_off(monkeypatch):
     """``DEEPLAB_CRF_MALLOC=default`` leaves glibc's settings alone (no mallopt handle)."""
     from deeplab.crf import dense_crf

@@ -161,6 +161,21 @@ def test_folder_label_map_and_class_errors(tmp_path: Path) -> None:
         ds2[2]
 
 
+def test_folder_label_map_can_map_raw_255(tmp_path: Path) -> None:
+    # 0/255 binary masks with label_map={0: 0, 255: 1}, as the DataConfig docstring suggests:
+    # the explicit entry must win over 255's default meaning (ignore).
+    raw = np.zeros((4, 6), np.uint8)
+    raw[:, 3:] = 255
+    _save_rgb(tmp_path / "images" / "a.png", 4, 6)
+    _save_l(tmp_path / "masks" / "a.png", raw)
+    (tmp_path / "classes.txt").write_text("background\nforeground\n")
+    ds = build_dataset("folder", tmp_path, None, label_map={0: 0, 255: 1})
+    assert np.array_equal(ds[0][1], (raw == 255).astype(np.uint8))
+    # Without an entry for it, 255 stays ignore.
+    ds = build_dataset("folder", tmp_path, None, label_map={0: 1})
+    assert np.array_equal(ds[0][1], np.where(raw == 255, 255, 1))
+
+
 def test_bad_data_errors_name_the_file(tmp_path: Path) -> None:
     _folder_tree(tmp_path)
     # Size mismatch.

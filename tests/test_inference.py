@@ -165,6 +165,68 @@ def test_labels_from_logits_is_the_argmax_of_the_upsampled_logits():
     assert torch.equal(lab, labels[0]) and probs.dtype == torch.float16
 
 
+def _near_tie_logits(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    # Class 5 within ~1 ulp of class 1: the upsampled values decide by their last bit.
+    torch.manual_seed(seed)
+    logits = torch.randn(shape)
+    logits[:, 5] = logits[:, 1] + 1e-7 * torch.randn(logits[:, 1].shape)
+    return logits
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_labels_from_logits_equal_the_full_argmax_at_near_ties(channels_last, monkeypatch):
+    from deeplab.engine import inference
+
+    # Small outputs (H + W <= 128) take PyTorch's channel-vectorised kernel, which rounds one
+    # class alone differently from all classes together.
+    for seed in range(5):
+        logits = _near_tie_logits(seed, (1, 11, 6, 8))
+        if channels_last:
+            logits = logits.contiguous(memory_format=torch.channels_last)
+        ref = upsample_logits(logits, (48, 64)).argmax(1)
+        assert torch.equal(labels_from_logits(logits, (48, 64)), ref)
+    # The one-class-at-a-time path for very large outputs, forced with a tiny budget.
+    monkeypatch.setattr(inference, "_FULL_UPSAMPLE_BYTES", 0)
+    logits = _near_tie_logits(0, (1, 11, 12, 16))
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    ref = upsample_logits(logits, (89, 121)).argmax(1)
+    assert torch.equal(labels_from_logits(logits, (89, 121)), ref)
+    lab, _ = finish_prediction(logits, np.zeros((89, 121, 3), np.uint8), want_probs=True)
+    assert torch.equal(lab, ref[0])
+    # Three classes on one thread: PyTorch's channel-vectorised kernel again.
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        logits = _near_tie_logits(1, (1, 6, 40, 50))[:, [1, 2, 5]].contiguous()
+        assert torch.equal(labels_from_logits(logits, (300, 400)), upsample_logits(logits, (300, 400)).argmax(1))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_segment_labels_are_the_argmax_of_its_probabilities(r18, tmp_path):
+    import deeplab
+    from deeplab.engine import segment as segment_module
+
+    class NearTie(nn.Module):
+        """Logits on a 6x8 grid where classes 1 and 4 differ by about one ulp (near zero, so
+        exp can also round them to one probability)."""
+
+        num_classes = 5
+
+        def forward(self, x):
+            torch.manual_seed(0)
+            logits = torch.randn(x.shape[0], 5, 6, 8) * 1e-3
+            logits[:, 4] = logits[:, 1] + 1e-9 * torch.randn(x.shape[0], 6, 8)
+            return logits
+
+    mismatches = 0
+    for seed in range(3):
+        labels, probs = deeplab.segment(_image(48, 64, seed), model=NearTie(), precision="fp32")
+        mismatches += int((labels != probs.argmax(0)).sum())
+    assert mismatches == 0
+
+
 def test_input_scale_runs_the_network_on_the_resized_image(m32):
     img = _image(30, 40, seed=8)
     logits = predict_logits(m32, img, normalization=CAFFE, precision="fp32", input_scale=1.5)

@@ -393,6 +393,18 @@ def test_frozen_batchnorm_equals_batchnorm_in_eval() -> None:
     _close(fresh(x), bn(x), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_frozen_batchnorm_keeps_the_source_dtype(dtype: torch.dtype) -> None:
+    bn = _randomize(nn.Sequential(nn.BatchNorm2d(16)), 8)[0].eval().to(dtype)
+    frozen = FrozenBatchNorm2d.from_batchnorm(bn)
+    assert {k: v.dtype for k, v in frozen.state_dict().items()} == {k: v.dtype for k, v in bn.state_dict().items()}
+    for k, v in bn.state_dict().items():
+        assert torch.equal(frozen.state_dict()[k], v), k  # copied without a float32 detour
+    if dtype == torch.float64:  # float64 statistics: the eval BN's function to ~1e-15
+        x = torch.randn(2, 16, 5, 7, dtype=dtype)
+        assert (frozen(x) - bn(x)).abs().max().item() < 1e-12
+
+
 def test_freeze_batchnorm_keeps_keys_and_function() -> None:
     model = _randomize(build_model("deeplab_v2_resnet18", num_classes=3), 9).eval()
     frozen = freeze_batchnorm(build_model("deeplab_v2_resnet18", num_classes=3))

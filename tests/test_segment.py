@@ -80,6 +80,30 @@ def test_python_api_matches_the_cli(tmp_path, weights, images):
     assert crf_labels.shape == labels.shape and np.allclose(crf_probs.sum(0), 1, atol=1e-3)
 
 
+def test_cached_model_is_reloaded_when_the_file_is_replaced_with_the_same_mtime(tmp_path, images):
+    # cp -p / rsync -t / unzip restore the old mtime: the cache must still see the new weights.
+    import deeplab
+
+    image = images[2].images[0]
+    a, b = tiny_weights(tmp_path / "a.safetensors", seed=0), tiny_weights(tmp_path / "b.safetensors", seed=1)
+    _, probs_a = deeplab.segment(image, weights=a, precision="fp32")
+    _, probs_b = deeplab.segment(image, weights=b, precision="fp32")
+    assert not np.allclose(probs_a, probs_b)
+    path = tmp_path / "w.safetensors"
+    for replace in ("in place", "atomic"):  # cp -p rewrites the inode; rsync -t renames a copy
+        path.write_bytes(a.read_bytes())
+        stamp = os.stat(path)
+        assert np.array_equal(deeplab.segment(image, weights=path, precision="fp32")[1], probs_a)
+        if replace == "in place":
+            path.write_bytes(b.read_bytes())
+        else:
+            (tmp_path / "tmp").write_bytes(b.read_bytes())
+            os.replace(tmp_path / "tmp", path)
+        os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        assert os.stat(path).st_mtime_ns == stamp.st_mtime_ns
+        assert np.array_equal(deeplab.segment(image, weights=path, precision="fp32")[1], probs_b), replace
+
+
 def test_awkward_inputs_are_handled(tmp_path, weights, capsys):
     src = tmp_path / "src"
     src.mkdir()

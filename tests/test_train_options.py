@@ -58,3 +58,10 @@ def test_unknown_data_option_is_a_config_error(tmp_path):
         parse_config(_config(tmp_path, options={"mask_sufix": "_mask.png"}))
     with pytest.raises(ConfigError, match="data.dataset: unknown data set 'camvid2'"):
         parse_config({**_config(tmp_path), "data": {**_config(tmp_path)["data"], "dataset": "camvid2"}})
+
+
+def test_a_plain_dict_config_is_a_clear_type_error(tmp_path):
+    # Not an AttributeError from deep inside: the message names the function that builds a config.
+    with pytest.raises(TypeError, match=r"TrainConfig, got dict.*parse_config"):
+        train(_config(tmp_path), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -92,6 +92,27 @@ def test_float_image_scale_matches_uint8_path() -> None:
     assert np.abs(a[inside].astype(np.float32) - b[inside]).max() <= 2
 
 
+@pytest.mark.parametrize("fourth", [0, 10, 255])
+def test_uint8_channels_beyond_rgb_are_resized_independently(fourth: int) -> None:
+    # A 4th channel (NIR, depth, or a transparent alpha) must not scale the colours, as Pillow's
+    # RGBA resize (premultiplied alpha) would.
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    image[..., 3] = fourth
+    mask = np.zeros((20, 30), np.uint8)
+    for size in ((10, 15), (33, 41)):
+        out, _ = T.Resize(size)(image, mask)
+        rgb = np.asarray(Image.fromarray(image[..., :3]).resize(size[::-1], Image.BILINEAR))
+        assert out.shape == (*size, 4) and out.dtype == np.uint8
+        assert np.array_equal(out[..., :3], rgb)
+        assert (out[..., 3] == fourth).all()
+    five = rng.integers(0, 256, (20, 30, 5), dtype=np.uint8)
+    out, _ = T.Resize((10, 15))(five, mask)
+    assert np.array_equal(out[..., 1:4], T.Resize((10, 15))(five[..., 1:4], mask)[0])
+
+
 def test_pad_values() -> None:
     image = np.full((5, 7, 3), 9, np.uint8)
     mask = np.zeros((5, 7), np.uint8)

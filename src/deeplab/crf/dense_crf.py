@@ -10,6 +10,7 @@ Semantics are those of pydensecrf's ``DenseCRF2D`` with ``unary_from_softmax(pro
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -237,6 +238,10 @@ def _mean_field_inference(log_p: Tensor, kernels: Sequence[DenseKernel], weights
     return q
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass
 class DenseCRF:
     """The fully connected CRF, callable as ``crf(image, probs)``.
@@ -275,19 +280,27 @@ class DenseCRF:
     _pos_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # numbers.Real / Integral, not (int, float): values from a numpy grid (a CRF search) are
+        # np.int64 / np.float32; they become Python numbers. bool is refused (a typo'd flag).
         for name in ("bi_xy_std", "bi_rgb_std", "pos_xy_std"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and np.isfinite(value)):
+            if not (_is_real(value) and value > 0 and np.isfinite(value)):
                 raise ValueError(f"DenseCRF {name} must be a positive number, got {value!r}")
+            if type(value) not in (int, float):
+                setattr(self, name, float(value))
         for name in ("bi_w", "pos_w"):
             value = getattr(self, name)
             if isinstance(value, Tensor):
                 if value.numel() != 1:
                     raise ValueError(f"DenseCRF {name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-            elif not (isinstance(value, (int, float)) and np.isfinite(value)):
+            elif not (_is_real(value) and np.isfinite(value)):
                 raise ValueError(f"DenseCRF {name} must be a finite number or a 0-d tensor, got {value!r}")
-        if not (isinstance(self.iterations, int) and self.iterations >= 0):
-            raise ValueError(f"DenseCRF iterations must be an int >= 0, got {self.iterations!r}")
+            elif type(value) not in (int, float):
+                setattr(self, name, float(value))
+        it = self.iterations
+        if isinstance(it, bool) or not isinstance(it, numbers.Integral) or it < 0:
+            raise ValueError(f"DenseCRF iterations must be an int >= 0, got {it!r}")
+        self.iterations = int(it)
         if not (0 < self.clip < 1):
             raise ValueError(f"DenseCRF clip must be in (0, 1), got {self.clip!r}")
 

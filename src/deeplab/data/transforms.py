@@ -103,12 +103,17 @@ class Compose:
 
 def _resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     h, w = size_hw
-    if image.dtype == np.uint8 and image.shape[2] in (1, 3, 4):
-        mode = {1: "L", 3: "RGB", 4: "RGBA"}[image.shape[2]]
-        src = image[:, :, 0] if image.shape[2] == 1 else image
-        out = np.asarray(Image.fromarray(src, mode=mode).resize((w, h), Image.BILINEAR))
-        return out.reshape(h, w, image.shape[2])
-    # Float or odd channel counts: torch's bilinear (half-pixel centres, as Pillow's).
+    if image.dtype == np.uint8:
+        if image.shape[2] == 3:
+            return np.asarray(Image.fromarray(image, mode="RGB").resize((w, h), Image.BILINEAR))
+        # Other channel counts one channel at a time (mode L, the same filter and rounding as
+        # RGB): as RGBA, Pillow would premultiply the colours by a 4th channel (NIR, depth...).
+        planes = [
+            np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, c])).resize((w, h), Image.BILINEAR))
+            for c in range(image.shape[2])
+        ]
+        return np.stack(planes, axis=2)
+    # Float: torch's bilinear (half-pixel centres, as Pillow's).
     t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
     out = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
     return out.numpy().astype(image.dtype, copy=False)
@@ -122,10 +127,11 @@ def _resize_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 class RandomScale:
     """Rescale image and mask by one random factor drawn uniformly from ``scale_range``.
 
-    Reads: image (H, W, C) numpy (uint8: Pillow bilinear; float: torch bilinear), mask (H, W)
-    uint8 or ``None``. Pillow widens its bilinear filter when shrinking (antialiased, unlike
-    Caffe's cv2.resize), so downscaled images are slightly smoother; both use pixel centres, so
-    image and mask stay aligned. Writes: image and mask of size round(H*s) x round(W*s); the mask by
+    Reads: image (H, W, C) numpy (uint8: Pillow bilinear, channel by channel unless RGB, so a
+    4th channel is never taken for alpha; float: torch bilinear), mask (H, W) uint8 or ``None``.
+    Pillow widens its bilinear filter when shrinking (antialiased, unlike Caffe's cv2.resize),
+    so downscaled images are slightly smoother; both use pixel centres, so image and mask stay
+    aligned. Writes: image and mask of size round(H*s) x round(W*s); the mask by
     nearest neighbour only.
 
     Args:

@@ -22,7 +22,6 @@ from deeplab.engine.inference import (
     DEFAULT_MAX_PIXELS,
     Precision,
     finish_prediction,
-    labels_from_logits,
     predict_logits,
     prepare_model,
     upsample_logits,
@@ -254,9 +253,12 @@ def _cached_bundle(weights: str | os.PathLike | None, model_name: str | None,
 
     path = Path(weights) if weights is not None else default_weights_path()
     try:
-        stamp = path.stat().st_mtime_ns
+        st = path.stat()
     except FileNotFoundError:
         raise FileNotFoundError(f"weights file {path} not found") from None
+    # Not the mtime alone: cp -p, rsync -t and unzip restore it, and coarse file systems give
+    # two saves one mtime. An atomic replace changes the inode; ctime cannot be set by users.
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     key = (str(path.resolve()), stamp, model_name, precision, str(device))
     if key not in _CACHE:
         _CACHE.clear()  # keep one model: they are large
@@ -353,7 +355,9 @@ def segment(
         labels = probs.argmax(0).numpy()
     else:
         probs = torch.softmax(upsample_logits(logits, size), dim=1)[0].cpu()
-        labels = labels_from_logits(logits, size)[0].cpu().numpy()
+        # From the returned probabilities, so labels == probs.argmax(0) even where exp rounds
+        # two nearly tied logits to one probability (max(0).indices: argmax's rule, faster).
+        labels = probs.max(0).indices.numpy()
     labels = labels.astype(np.uint8 if bundle.num_classes <= 256 else np.int32)
     return labels, probs.numpy()
 

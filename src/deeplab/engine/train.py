@@ -481,7 +481,14 @@ def train(
     Raises:
         TrainingError: a problem with the data, the run folder or a checkpoint (message says which).
         TrainingDiverged: the loss became NaN / infinite.
+        TypeError: ``cfg`` is not a :class:`TrainConfig` (e.g. a plain dict).
     """
+    if not isinstance(cfg, TrainConfig):
+        # Typed config in, translated at the edge: a dict goes through parse_config's checks.
+        raise TypeError(
+            f"train() needs a TrainConfig, got {type(cfg).__name__}: build it with "
+            "deeplab.engine.config.parse_config(your_dict) or load_config('config.yaml')"
+        )
     device = _select_device(cfg.device)
     dist_info = init_distributed(device.type)
     try:

@@ -69,6 +69,11 @@ class FrozenBatchNorm2d(nn.Module):
     def from_batchnorm(cls, bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
         """Return a frozen copy of ``bn`` (its running statistics and affine parameters)."""
         frozen = cls(bn.num_features, eps=bn.eps)
+        # The source's device and dtype, before copying: float64 statistics stay exact and a
+        # bf16 model's state dict keeps its dtypes.
+        ref = bn.running_mean if bn.running_mean is not None else bn.weight
+        if ref is not None:
+            frozen.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             if bn.affine:
                 frozen.weight.copy_(bn.weight)
@@ -77,7 +82,7 @@ class FrozenBatchNorm2d(nn.Module):
                 frozen.running_mean.copy_(bn.running_mean)
                 frozen.running_var.copy_(bn.running_var)
                 frozen.num_batches_tracked.copy_(bn.num_batches_tracked)
-        return frozen.to(device=(bn.running_mean if bn.running_mean is not None else frozen.weight).device)
+        return frozen
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

@@ -268,9 +268,10 @@ def _ranges(values: Iterable[int]) -> str:
 
 
 def lut_from_mapping(mapping: Mapping[int, int], *, default: int = -1) -> np.ndarray:
-    """A (256,) int16 lookup table from ``{raw value: train id}`` (255 always maps to 255)."""
+    """A (256,) int16 lookup table from ``{raw value: train id}``; an unmapped 255 maps to 255."""
     lut = np.full(256, default, dtype=np.int16)
+    # Before the mapping, so that an explicit entry for 255 (0/255 binary masks) wins.
+    lut[IGNORE_INDEX] = IGNORE_INDEX
     for raw, train in mapping.items():
         lut[int(raw)] = int(train)
-    lut[IGNORE_INDEX] = IGNORE_INDEX
     return lut

@@ -67,7 +67,8 @@ class SegmentationFolder(SegmentationDataset):
         num_classes: when no class names are given: classes are named ``class_0``...
         palette: (C, 3) colours; default from the class file, else the VOC colour map.
         label_map: ``{raw mask value: train id or 255}`` for masks not stored as 0..C-1 (every raw
-            value that occurs must be listed, plus 255); default identity.
+            value that occurs must be listed; 255 is ignore unless listed, e.g. ``{0: 0, 255: 1}``
+            for 0/255 masks); default identity.
     """
 
     def __init__(
