@@ -294,3 +294,19 @@ def test_color_jitter_comes_first_in_the_training_pipeline() -> None:
     x, y = pipeline(image, mask)
     assert x.shape == (3, 64, 64) and y.shape == (64, 64)
     assert set(np.unique(y.numpy())) <= set(np.unique(mask)) | {255}  # no invented labels
+
+
+@pytest.mark.parametrize("mean", [[float("nan"), 1, 2], ["104", 116, 122], [True, 1, 2], [1, 2], 104.0])
+def test_one_normalization_check_for_transforms_configs_and_weights(mean):
+    """check_normalization is the check the config and the weights' metadata use too: a mean that
+    is not 3 finite numbers is refused by all three, each naming where it came from."""
+    from deeplab.engine.config import ConfigError, parse_config
+    from deeplab.weights.safetensors_io import _validate_metadata
+
+    spec = {"mode": "caffe_bgr", "mean": mean}
+    with pytest.raises(ValueError, match="normalization 'mean' needs 3 finite numbers"):
+        T.check_normalization(spec)
+    with pytest.raises(ConfigError, match="data.normalization: normalization 'mean'"):
+        parse_config({"data": {"normalization": spec}})
+    with pytest.raises(ValueError, match="metadata normalization: normalization 'mean'"):
+        _validate_metadata({"normalization": spec})

@@ -59,17 +59,6 @@ def _read_class_names(path: Path, num_classes: int | None) -> list[str]:
     return names
 
 
-def prepare_destination(dst: Path, name: str) -> None:
-    """Create the folder of an output file, as ``segment`` does for --out; ValueError if ``dst``
-    cannot be one (a folder, or under a file). ``name`` is how the user gave it, e.g. ``--out``."""
-    if dst.is_dir():
-        raise ValueError(f"{name} {dst} is a folder: give a file name inside it, e.g. {dst / ('model' + dst.suffix)}")
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create the folder {dst.parent} for {name} {dst}: {e.strerror or e}") from None
-
-
 def _caffe_num_classes(layers) -> int | None:
     import re
 
@@ -92,7 +81,11 @@ def _convert(args: argparse.Namespace) -> int:
         raise ValueError(f"destination {args.dst} must end with .safetensors")
     if args.num_classes is not None and args.num_classes < 1:
         raise ValueError(f"--num-classes {args.num_classes} must be a positive integer")
-    prepare_destination(args.dst, "destination")
+    from deeplab.cli.segment import check_output_file
+
+    reason = check_output_file(args.dst)
+    if reason:
+        raise ValueError(f"destination: {reason}")
     fmt = weights_format(src)
     metadata: dict = {}
     if fmt == "caffe":

@@ -129,9 +129,9 @@ def run(args: argparse.Namespace) -> int:
     if args.probs is not None and not args.probs.is_dir():
         return _error(f"--probs {args.probs}: no such folder (write it with 'deeplab eval --save-probs')")
     if args.json is not None:
-        from deeplab.cli.evaluate import check_json_path
+        from deeplab.cli.segment import check_output_file
 
-        reason = check_json_path(args.json)  # before the search: its results must not be lost
+        reason = check_output_file(args.json)  # before the search: its results must not be lost
         if reason:
             return _error(f"--json: {reason}")
 

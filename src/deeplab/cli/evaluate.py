@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deeplab.cli.segment import add_input_scale_argument, check_writable, parse_scales
+from deeplab.cli.segment import add_input_scale_argument, check_output_file, check_writable, parse_scales
 
 
 def parse_crf_params(text: str | None) -> dict[str, float]:
@@ -52,16 +52,6 @@ def parse_crf_params(text: str | None) -> dict[str, float]:
             raise ValueError(f"--crf-params: iterations={value!r} must be a whole number")
         out[key] = int(num) if key == "iterations" else num
     return out
-
-
-def check_json_path(path: Path) -> str | None:
-    """None if the ``--json`` file ``path`` can be written (its folder is created), else the reason.
-
-    Checked before the work starts, so that no result computed for hours is lost at the end.
-    """
-    if path.is_dir():
-        return f"{path} is a folder: give a file name, e.g. {path / 'results.json'}"
-    return check_writable(path.parent)
 
 
 def _crf_fields(cls: type) -> list[str]:
@@ -160,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             if reason:
                 return _error(f"{flag}: {reason}")
     if args.json is not None:
-        reason = check_json_path(args.json)
+        reason = check_output_file(args.json)
         if reason:
             return _error(f"--json: {reason}")
 

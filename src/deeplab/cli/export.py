@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     """Export the model; returns the exit status."""
     import torch
 
-    from deeplab.cli.convert import prepare_destination
+    from deeplab.cli.segment import check_output_file
     from deeplab.weights import export_onnx
     from deeplab.weights.onnx_export import supported_opsets
 
@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
         if args.opset not in opsets:
             raise ValueError(f"--opset {args.opset} is not supported by this torch's ONNX exporter: use "
                              f"{opsets[0]} to {opsets[-1]} (17 is the default)")
-        prepare_destination(args.out, "--out")
+        reason = check_output_file(args.out)
+        if reason:
+            raise ValueError(f"--out: {reason}")
         model, metadata = _build(args)
         keep = ("model", "num_classes", "class_names", "palette", "normalization", "model_kwargs")
         props = {k: metadata[k] for k in keep if k in metadata}

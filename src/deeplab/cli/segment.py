@@ -140,11 +140,11 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
 def check_writable(out: Path) -> str | None:
     """None if ``out`` can be created and written to, else the reason."""
     if out.exists() and not out.is_dir():
-        return f"output path {out} exists and is not a folder"
+        return f"cannot create the folder {out}: {out} exists and is not a folder"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        return f"cannot create output folder {out}: {e.strerror or e}"
+        return f"cannot create the folder {out}: {e.strerror or e}"
     if not out.is_dir():
         return f"output path {out} exists and is not a folder"
     try:
@@ -153,6 +153,18 @@ def check_writable(out: Path) -> str | None:
     except OSError as e:
         return f"output folder {out} is not writable ({e.strerror or e}): choose another --out"
     return None
+
+
+def check_output_file(path: Path) -> str | None:
+    """None if the file ``path`` can be written (its folder is created), else the reason.
+
+    For single-file outputs (--json, convert's and export's destination), checked before the
+    work starts so that nothing computed is lost at the end.
+    """
+    if path.is_dir():
+        return f"{path} is a folder: give a file name inside it"
+    reason = check_writable(path.parent)
+    return None if reason is None else f"cannot write {path}: {reason}"
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:

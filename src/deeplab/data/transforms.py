@@ -17,6 +17,8 @@ RandomHorizontalFlip -> Normalize("caffe_bgr").
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -413,9 +415,16 @@ def check_normalization(spec: Mapping[str, Any]) -> dict[str, Any]:
     for key in sorted(allowed[mode] - {"mode"}):
         if key not in spec:
             raise ValueError(f"normalization mode {mode!r} needs {key!r}")
-        vals = [float(v) for v in spec[key]]
-        if len(vals) != 3:
-            raise ValueError(f"normalization {key!r} needs 3 values, got {vals}")
+        given = spec[key]
+        try:
+            raw = list(given)
+        except TypeError:  # a bare number
+            raw = [given]
+        # Real, finite numbers only: a string or NaN here would give a silently wrong input.
+        if len(raw) != 3 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                    and math.isfinite(v) for v in raw):
+            raise ValueError(f"normalization {key!r} needs 3 finite numbers, got {given!r}")
+        vals = [float(v) for v in raw]
         if key == "std" and min(vals) <= 0:
             raise ValueError(f"normalization std must be positive, got {vals}")
         out[key] = vals

@@ -25,6 +25,7 @@ import yaml
 
 from deeplab.data import dataset_options
 from deeplab.data.balance import CLASS_WEIGHTINGS
+from deeplab.data.transforms import check_normalization
 
 __all__ = [
     "ConfigError",
@@ -333,21 +334,10 @@ def _validate(cfg: TrainConfig) -> None:
     unknown = sorted(set(d.options) - set(valid_options))
     if unknown:
         raise ConfigError(f"data.options: {d.dataset!r} has no option(s) {unknown}; valid: {', '.join(valid_options)}")
-    norm = d.normalization
-    mode = norm.get("mode")
-    allowed = {"caffe_bgr": {"mode", "mean"}, "rgb": {"mode", "mean", "std"}}
-    if mode not in allowed:
-        raise ConfigError(f"data.normalization.mode must be 'caffe_bgr' or 'rgb', got {mode!r}")
-    extra = set(norm) - allowed[mode]
-    if extra or "mean" not in norm or (mode == "rgb" and "std" not in norm):
-        raise ConfigError(
-            f"data.normalization for mode {mode!r} takes exactly the keys {sorted(allowed[mode])}, "
-            f"got {sorted(norm)}"
-        )
-    for key in sorted(allowed[mode] - {"mode"}):
-        vals = norm[key]
-        if not (isinstance(vals, list) and len(vals) == 3 and all(isinstance(v, (int, float)) for v in vals)):
-            raise ConfigError(f"data.normalization.{key} must be a list of 3 numbers, got {vals!r}")
+    try:
+        check_normalization(d.normalization)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.normalization: {e}") from None
     if m.output_stride not in (8, 16, 32):
         raise ConfigError(f"model.output_stride must be 8, 16 or 32, got {m.output_stride}")
     if m.num_classes is not None and m.num_classes < 1:

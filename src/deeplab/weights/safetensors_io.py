@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,16 +130,20 @@ _CRF_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cache_positional": (lambda v: isinstance(v, bool), "true or false"),
     "lattice_fp16": (lambda v: isinstance(v, bool), "true or false"),
 }
-_NORMALIZATION_KEYS = {"caffe_bgr": ("mean",), "rgb": ("mean", "std")}
 _MODEL_KWARGS = ("output_stride", "atrous_rates", "msc_scales")
 
 
-def _check_crf(crf: Any) -> None:
-    if not isinstance(crf, Mapping):
-        raise ValueError(f"metadata crf must be an object of DenseCRF arguments, e.g. {{\"bi_w\": 4}}, got {crf!r}")
-    unknown = sorted(set(crf) - set(_CRF_RULES))
+def _check_object(value: Any, key: str, valid: Sequence[str], what: str) -> None:
+    """``value`` (metadata ``key``) must be a JSON object whose keys are among ``valid``."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"metadata {key} must be an object of {what}, got {value!r}")
+    unknown = sorted(set(value) - set(valid))
     if unknown:
-        raise ValueError(f"metadata crf has unknown key(s) {unknown}; DenseCRF takes {', '.join(_CRF_RULES)}")
+        raise ValueError(f"metadata {key} has unknown key(s) {unknown}; valid: {', '.join(valid)}")
+
+
+def _check_crf(crf: Any) -> None:
+    _check_object(crf, "crf", list(_CRF_RULES), 'DenseCRF arguments, e.g. {"bi_w": 4}')
     for key, value in crf.items():
         valid, what = _CRF_RULES[key]
         if not valid(value):
@@ -147,29 +151,17 @@ def _check_crf(crf: Any) -> None:
 
 
 def _check_normalization(norm: Any) -> None:
-    if not isinstance(norm, Mapping):
-        raise ValueError("metadata normalization must be an object such as "
-                         f'{{"mode": "caffe_bgr", "mean": [104.008, 116.669, 122.675]}}, got {norm!r}')
-    mode = norm.get("mode")
-    if mode not in _NORMALIZATION_KEYS:
-        raise ValueError(f"metadata normalization.mode must be 'caffe_bgr' or 'rgb', got {mode!r}")
-    keys = ["mode", *_NORMALIZATION_KEYS[mode]]
-    if set(norm) != set(keys):
-        raise ValueError(f"metadata normalization for mode {mode!r} takes exactly the keys {keys}, got {sorted(norm)}")
-    for key in _NORMALIZATION_KEYS[mode]:
-        vals = norm[key]
-        if not (isinstance(vals, (list, tuple)) and len(vals) == 3
-                and all(_is_number(v) and (key != "std" or v > 0) for v in vals)):
-            what = "3 positive numbers" if key == "std" else "3 numbers"
-            raise ValueError(f"metadata normalization.{key} must be {what}, got {vals!r}")
+    from deeplab.data.transforms import check_normalization  # the one normalisation spec check
+
+    try:
+        check_normalization(norm)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata normalization: {e}; e.g. "
+                         '{"mode": "caffe_bgr", "mean": [104.008, 116.669, 122.675]}') from None
 
 
 def _check_model_kwargs(kwargs: Any) -> None:
-    if not isinstance(kwargs, Mapping):
-        raise ValueError(f"metadata model_kwargs must be an object with keys {list(_MODEL_KWARGS)}, got {kwargs!r}")
-    unknown = sorted(set(kwargs) - set(_MODEL_KWARGS))
-    if unknown:
-        raise ValueError(f"metadata model_kwargs has unknown key(s) {unknown}; valid: {', '.join(_MODEL_KWARGS)}")
+    _check_object(kwargs, "model_kwargs", _MODEL_KWARGS, 'build_model arguments, e.g. {"output_stride": 8}')
     # null means the model's default (output stride 8, its own rates, single scale).
     stride, rates, scales = (kwargs.get(k) for k in _MODEL_KWARGS)
     if stride is not None and not _is_count(stride, 1):
