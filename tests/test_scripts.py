@@ -153,3 +153,51 @@ def test_stride_ceiling_script_on_camvid(camvid_root, tmp_path):
     assert rows[0]["miou"] == pytest.approx(1.0)
     assert 0.5 < rows[2]["miou"] < rows[1]["miou"] < 1.0
     assert rows[2]["per_class_iou"]["pole"] < rows[1]["per_class_iou"]["pole"]
+
+
+def test_gpu_camvid_pack_train_unpack_round_trip(camvid_root, tmp_path):
+    """The lent-GPU workflow end to end on the CPU at toy size: the pack holds the real labels
+    byte for byte and near-identical JPEG images, the run's length follows the probe's step
+    time, and the returned shards join into exactly the run's float16 weights."""
+    import numpy as np
+    from PIL import Image
+
+    from deeplab.weights import half_state_dict
+    from deeplab.weights.safetensors_io import read_safetensors
+
+    pack, out, work = tmp_path / "pack", tmp_path / "out", tmp_path / "work"
+    _script("gpu_camvid.py", "pack", "--data-root", str(camvid_root), "--dst", str(pack), "--limit", "2")
+    for split in ("train", "val"):
+        rows = [line.split() for line in (pack / f"{split}.txt").read_text().splitlines()]
+        assert len(rows) == 2
+        for image, mask in rows:
+            stem = Path(mask).stem
+            assert (pack / mask).read_bytes() == (camvid_root / f"{split}annot" / f"{stem}.png").read_bytes()
+            jpeg = np.asarray(Image.open(pack / image), dtype=np.float32)
+            png = np.asarray(Image.open(camvid_root / split / f"{stem}.png").convert("RGB"), dtype=np.float32)
+            assert jpeg.shape == png.shape and np.abs(jpeg - png).mean() < 3.0  # quality 90, 4:4:4: ~1.9 levels
+
+    _script("gpu_camvid.py", "train", "--pack", str(pack), "--out", str(out), "--work-dir", str(work),
+            "--budget-s", "1", "--probe-iters", "3", "--workers", "0", "--shard-mb", "8",
+            "--set", "data.crop_size=65", "--set", "solver.batch_size=2", "--set", "model.output_stride=16")
+    record = json.loads((out / "record.json").read_text())
+    assert record["max_iter"] == max(int(1 / record["seconds_per_iteration"]), 1)
+    assert f"max_iter: {record['max_iter']}" in (out / "config.yaml").read_text()
+    assert 0.0 <= record["val_miou_stride8_jpeg"] <= 1.0
+    shards = sorted(out.glob("weights-*.safetensors"))
+    assert len(shards) == len(record["shards"]) >= 2  # ResNet-18 in float16: 23 MB
+    assert all(p.stat().st_size <= 8 * 2**20 + 2**16 for p in shards)
+
+    back = tmp_path / "back" / "last.safetensors"
+    _script("gpu_camvid.py", "unpack", str(out), "--dst", str(back))
+    joined, meta = read_safetensors(back)
+    expected = half_state_dict(read_safetensors(work / "run" / "last.safetensors")[0])
+    assert joined.keys() == expected.keys()
+    assert all(torch.equal(joined[k], expected[k]) for k in expected)
+    assert meta["model"] == "deeplab_v2_resnet18" and meta["num_classes"] == 11
+    assert (back.parent / "class_weights.json").is_file() and (back.parent / "metrics.jsonl").is_file()
+
+    shards[0].write_bytes(shards[0].read_bytes()[:-10])  # a truncated transfer is refused
+    res = subprocess.run([sys.executable, str(_REPO / "scripts" / "gpu_camvid.py"), "unpack", str(out),
+                          "--dst", str(tmp_path / "again.safetensors")], capture_output=True, text=True)
+    assert res.returncode != 0 and shards[0].name in res.stderr and "sha256" in res.stderr
