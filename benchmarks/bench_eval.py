@@ -1,15 +1,17 @@
-"""Evaluation throughput on CamVid val: fp32 against bf16 (the default), with and without the CRF.
+"""Evaluation throughput on CamVid val: fp32 against the default ("auto") and bf16, with and without the CRF.
 
 Each variant runs `deeplab.engine.evaluate.evaluate` in its own subprocess (so that its peak
 memory, ru_maxrss, is its own) over the first --limit val images at full resolution (480x360):
 
 1. baseline ``fp32``: the network in float32;
-2. candidate ``bf16``: bfloat16 autocast (softmax still fp32), the project's default;
-3. ``bf16+crf``: the default plus the dense CRF (DenseCRF's default parameters), on the first
+2. ``auto``, the project's default: bf16 where the CPU computes it natively (AVX-512 / AMX),
+   else fp32 (the output says which ran);
+3. ``bf16``: bfloat16 weights (softmax still fp32), even where oneDNN emulates it (AVX2);
+4. ``auto+crf``: the default plus the dense CRF (DenseCRF's default parameters), on the first
    --crf-limit images (the CRF dominates the time).
 
-Prints images/s of each, the bf16/fp32 speed ratio, the mIoU of each and the mIoU difference
-between the precisions (goal: < 0.1 points) with the share of pixels whose label differs.
+Prints images/s of each, the speed ratios against fp32, the mIoU of each and the mIoU
+difference between bf16 and fp32 (goal: < 0.1 points) with the share of pixels whose label differs.
 Uses the packaged default model when ``deeplab.weights.default_weights_path()`` exists, else
 a seeded random ``--model`` (mIoU near zero: the difference is then a weak check, and the
 output says so).
@@ -55,7 +57,7 @@ r = evaluate(model, ds, normalization=norm, precision=cfg["precision"], crf=crf,
 preds = {e["id"]: e["pred"] for e in r["examples"]["best"]}
 np.savez_compressed(cfg["preds"], **preds)
 print(json.dumps({"images_per_s": r["images_per_s"], "miou": r["miou"], "pixel_acc": r["pixel_acc"],
-                  "num_images": r["num_images"],
+                  "num_images": r["num_images"], "precision": r["precision"],
                   "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -96,15 +98,16 @@ def main() -> None:
                 "model": args.model, "limit": args.limit}
         res = {}
         for name, precision, crf, limit in (("fp32", "fp32", False, args.limit),
+                                            ("auto", "auto", False, args.limit),
                                             ("bf16", "bf16", False, args.limit),
-                                            ("bf16+crf", "bf16", True, args.crf_limit)):
+                                            ("auto+crf", "auto", True, args.crf_limit)):
             if limit <= 0:
                 continue
             cfg = base | {"precision": precision, "crf": crf, "limit": limit,
                           "preds": str(Path(tmp) / f"{name}.npz")}
             res[name] = _run(cfg)
             r = res[name]
-            print(f"{name:>9}: {r['images_per_s']:6.2f} images/s  mIoU {100 * r['miou']:6.2f}  "
+            print(f"{name:>9}: {r['precision']:>4} {r['images_per_s']:6.2f} images/s  mIoU {100 * r['miou']:6.2f}  "
                   f"pixel acc {100 * r['pixel_acc']:6.2f}  peak RSS {r['maxrss_mb']:.0f} MB  "
                   f"({r['num_images']} images)")
         import numpy as np
@@ -113,13 +116,13 @@ def main() -> None:
         b = np.load(Path(tmp) / "bf16.npz")
         differ = sum(int((a[k] != b[k]).sum()) for k in a.files)
         total = sum(a[k].size for k in a.files)
-    ratio = res["bf16"]["images_per_s"] / res["fp32"]["images_per_s"]
+    for name in ("auto", "bf16"):
+        print(f"speed {name} / fp32: {res[name]['images_per_s'] / res['fp32']['images_per_s']:.2f}x")
     diff = 100 * (res["bf16"]["miou"] - res["fp32"]["miou"])
-    print(f"speed bf16 / fp32: {ratio:.2f}x")
     print(f"mIoU bf16 - fp32: {diff:+.3f} points (goal |diff| < 0.1); labels differ on "
           f"{100 * differ / total:.3f}% of pixels")
-    if "bf16+crf" in res:
-        print(f"CRF cost: {res['bf16']['images_per_s'] / res['bf16+crf']['images_per_s']:.1f}x slower with the CRF")
+    if "auto+crf" in res:
+        print(f"CRF cost: {res['auto']['images_per_s'] / res['auto+crf']['images_per_s']:.1f}x slower with the CRF")
     if not weights:
         print("note: random weights: the mIoU difference says little; rerun with trained weights")
 

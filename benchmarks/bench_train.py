@@ -132,6 +132,9 @@ def main() -> int:
             print(f"{device:4s} {label:22s} {r['images_per_s']:7.2f} images/s  ({r['seconds_per_step']:.2f} s/step; {mem})")
         ratio = results["bf16"]["images_per_s"] / results["fp32"]["images_per_s"]
         print(f"{device:4s} bf16/channels_last vs fp32: {ratio:.2f}x throughput")
+        from deeplab.models import resolve_precision
+
+        print(f"{device:4s} precision 'auto' (the configs' default) trains in {resolve_precision('auto', device)} here")
     return 0
 
 

@@ -70,7 +70,11 @@ def test_eval_json_report_and_agreement_with_the_api(setup, tmp_path, capsys):
     for key in ("pixel_acc", "mean_acc", "fwiou"):
         assert r[key] == pytest.approx(ref[key])
     s = r["settings"]
-    assert s["precision"] == "bf16" and s["crf"] is None and s["split"] == "all"
+    from deeplab.models import resolve_precision
+
+    ran = resolve_precision("auto", "cpu")  # the default precision, as this CPU resolves it
+    assert s["precision"] == ran == ref["precision"] and s["crf"] is None and s["split"] == "all"
+    assert "3 images," in printed and f"images/s ({ran})" in printed
     page = (tmp_path / "rep" / "index.html").read_text()
     assert page.count("data:image/png;base64,") >= 2 + 3 * 2  # 2 charts + image triplets
     assert "per-class IoU" in page and "Worst" in page and "Best" in page

@@ -62,7 +62,7 @@ def test_probs_shape_sum_and_precision(r18, m32):
     ref = torch.softmax(torch.nn.functional.interpolate(ref, size=(37, 45), mode="bilinear",
                                                         align_corners=True), 1)
     assert torch.allclose(p32, ref, atol=1e-4)
-    mbf = prepare_model(r18)
+    mbf = prepare_model(r18, precision="bf16")  # the default ("auto") is fp32 where bf16 is emulated
     pbf = predict_probs(mbf, img, normalization=CAFFE)
     assert pbf.dtype == torch.float32
     assert torch.allclose(pbf.sum(1), torch.ones(1, 37, 45), atol=1e-5)  # softmax in fp32

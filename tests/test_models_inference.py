@@ -164,3 +164,64 @@ def test_onnx_export_accepts_any_input_size(tmp_path) -> None:
             ref = model(x)
         out = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
         assert out.shape == ref.shape and _rel(out, ref) < 1e-4
+
+
+# ---- precision "auto" ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def bf16_units(monkeypatch):
+    """Pretend the CPU has (True) or lacks (False) native bf16; returns a setter."""
+    import deeplab.models.inference as inf
+
+    def set_native(native: bool) -> None:
+        monkeypatch.setattr(inf, "_native_bf16", lambda device_type: native)
+        inf._warn_emulated_bf16.cache_clear()
+
+    yield set_native
+    inf._warn_emulated_bf16.cache_clear()
+
+
+def test_native_bf16_follows_onednn_on_this_cpu():
+    """The real probe, unpatched: oneDNN's own answer (AVX-512 / Arm bf16), never a GPU's."""
+    from deeplab.models import native_bf16, resolve_precision
+
+    expected = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert native_bf16("cpu") is expected
+    assert resolve_precision("auto", "cpu") == ("bf16" if expected else "fp32")
+    assert native_bf16("meta") is False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_picks_bf16_only_where_native(bf16_units, native, recwarn):
+    from deeplab.models import resolve_precision
+
+    bf16_units(native)
+    assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"  # asked for: kept, warned where emulated
+    warned = [w for w in recwarn if issubclass(w.category, RuntimeWarning) and "emulated" in str(w.message)]
+    assert len(warned) == (0 if native else 1)
+    resolve_precision("bf16", "cpu")
+    assert len([w for w in recwarn if "emulated" in str(w.message)]) == len(warned)  # once per process
+    with pytest.raises(ValueError, match="auto"):
+        resolve_precision("fp16", "cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_reaches_the_inference_path(bf16_units, native):
+    """optimize_for_inference, evaluate's prepared model and autocast all follow the probe; an
+    emulating CPU runs the exact fp32 function."""
+    from deeplab.engine.inference import prepare_model
+
+    bf16_units(native)
+    torch.manual_seed(0)
+    model = build_model("deeplab_v2_resnet18", num_classes=3, output_stride=16).eval()
+    fast = optimize_for_inference(model)
+    assert fast.precision == ("bf16" if native else "fp32")
+    assert prepare_model(model).precision == fast.precision
+    with autocast("cpu"):
+        assert torch.is_autocast_enabled("cpu") is native
+    if not native:
+        x = torch.randn(1, 3, 65, 65)
+        torch.testing.assert_close(fast(x), optimize_for_inference(model, precision="fp32")(x), rtol=0, atol=0)

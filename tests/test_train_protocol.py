@@ -186,6 +186,24 @@ def test_train_step_loss_resolution(resolution):
     assert math.isclose(float(loss), float(want.detach()), rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_trains_in_bf16_only_where_native(monkeypatch, native):
+    """The configs' default, "auto": the same loss as an explicit bf16 step where the CPU has bf16
+    units, as an fp32 step where it would be emulated."""
+    import deeplab.models.inference as inf
+    from deeplab.engine.config import parse_config
+
+    assert parse_config({}).precision == "auto"
+    monkeypatch.setattr(inf, "_native_bf16", lambda device_type: native)
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 3, padding=1)
+    batch = [(torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8)))]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    losses = {p: float(train_step(model, optimizer, batch, precision=p)) for p in ("auto", "bf16", "fp32")}
+    assert losses["auto"] == losses["bf16" if native else "fp32"]
+    assert losses["bf16"] != losses["fp32"]  # the two precisions are told apart
+
+
 def test_loss_resolution_is_validated():
     from deeplab.engine.config import ConfigError, parse_config
 

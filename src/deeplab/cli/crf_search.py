@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra input scales when computing probabilities")
     add_input_scale_argument(parser)
     parser.add_argument("--flip", action="store_true", help="flip averaging when computing probabilities")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                        help="network precision when computing probabilities")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="network precision when computing probabilities (auto: bf16 where native, else fp32)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (network and CRF)")
     parser.add_argument("--bi-w", type=parse_range, default="3:1:6",
                         metavar="RANGE", help="bilateral weight w1 values: start:step:stop or a list")
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             for i in tqdm(range(n), desc="probabilities", unit="img", file=sys.stderr):
                 image, mask = dataset[i]
                 probs = predict_probs(bundle.model, image, normalization=bundle.normalization,
-                                      msc_scales=args.msc, flip=args.flip, precision=args.precision,
+                                      msc_scales=args.msc, flip=args.flip, precision=bundle.precision,
                                       input_scale=bundle.scale_for(args.input_scale))
                 samples.append((image, probs[0].to(torch.float16).cpu(), mask))
         except ValueError as e:  # a bad sample (size mismatch, labels out of range, unreadable file)

@@ -85,8 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write the metrics as JSON")
     parser.add_argument("--report", type=Path, default=None, metavar="DIR",
                         help="write an HTML report (index.html) into DIR")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                        help="network precision (softmax is always fp32)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="network precision; auto: bf16 where the device computes it natively (AVX-512 / AMX "
+                             "CPUs, Ampere+ GPUs), else fp32 (softmax is always fp32)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
@@ -127,7 +128,8 @@ def format_table(result: dict, class_names: list[str] | tuple[str, ...]) -> str:
     for key, label in (("miou", "mIoU"), ("pixel_acc", "pixel acc"), ("mean_acc", "mean acc"),
                        ("fwiou", "FWIoU")):
         lines.append(f"{label:<{width}}  {100 * result[key]:7.2f}")
-    lines.append(f"{result['num_images']} images, {result['images_per_s']:.2f} images/s")
+    ran = f" ({result['precision']})" if "precision" in result else ""
+    lines.append(f"{result['num_images']} images, {result['images_per_s']:.2f} images/s{ran}")
     return "\n".join(lines)
 
 
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = evaluate(
             bundle.model, dataset, normalization=bundle.normalization, msc_scales=args.msc,
-            flip=args.flip, precision=args.precision, sliding_window=args.sliding_window,
+            flip=args.flip, precision=bundle.precision, sliding_window=args.sliding_window,
             overlap=args.overlap, crf=crf,
             save_probs=args.save_probs, limit=args.limit, device=device, optimize=False,
             num_workers=args.workers, keep_examples=3 if args.report else 0,
@@ -233,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         "crf": crf_params if args.crf else None,
         "sliding_window": args.sliding_window,
         "overlap": args.overlap if args.sliding_window else None,
-        "precision": args.precision,
+        "precision": bundle.precision,
         "device": args.device,
         "limit": args.limit,
         "world_size": info.world_size,

@@ -88,8 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_input_scale_argument(parser)
     parser.add_argument("--flip", action="store_true", help="also average the mirrored image")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                        help="network precision (softmax is always fp32)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="network precision; auto: bf16 where the device computes it natively (AVX-512 / AMX "
+                             "CPUs, Ampere+ GPUs), else fp32 (softmax is always fp32)")
     parser.add_argument("--batch", type=int, default=1,
                         help="images per forward pass (consecutive images of one size)")
     parser.add_argument("--save-probs", action="store_true",
@@ -261,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         batch = np.stack([img for _, _, img in group])
         logits = predict_logits(
             bundle.model, batch, normalization=bundle.normalization, msc_scales=args.msc,
-            flip=args.flip, precision=args.precision, max_pixels=max_pixels, notice=notice,
+            flip=args.flip, precision=bundle.precision, max_pixels=max_pixels, notice=notice,
             input_scale=bundle.scale_for(args.input_scale),
         )
         for k, (path, stem, img) in enumerate(group):

@@ -162,7 +162,9 @@ class TrainConfig:
 
     Args:
         model / data / solver: the sections above.
-        precision: ``bf16`` (autocast on CPU and CUDA; the loss in fp32) or ``fp32``.
+        precision: ``auto`` (bf16 where the device computes it natively: GPUs from Ampere on,
+            CPUs with AVX-512 or AMX; else fp32), ``bf16`` (autocast on CPU and CUDA; the loss
+            in fp32) or ``fp32``.
         channels_last: NHWC memory format (faster convolutions with bf16 on CPUs and GPUs).
         init_weights: a ``.safetensors`` file to start from (e.g. ``deeplab convert init.caffemodel``);
             tensors whose name or shape do not match (a classifier with another class count)
@@ -177,7 +179,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = True
     init_weights: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -28,6 +28,7 @@ from deeplab.engine.inference import (
     prepare_model,
 )
 from deeplab.engine.metrics import ConfusionMatrix, metrics_from_matrix
+from deeplab.models.inference import resolve_precision
 from deeplab.fileio import atomic_open
 
 __all__ = ["evaluate", "save_probs_npy", "probs_path", "crf_grid_search", "refine_grid"]
@@ -100,7 +101,7 @@ def evaluate(
     normalization: dict,
     msc_scales: Sequence[float] | None = None,
     flip: bool = False,
-    precision: Precision = "bf16",
+    precision: Precision = "auto",
     sliding_window: int | None = None,
     overlap: float = 1 / 3,
     crf: Callable[[np.ndarray, torch.Tensor], torch.Tensor] | None = None,
@@ -125,7 +126,9 @@ def evaluate(
         normalization: the model's normalisation spec.
         msc_scales: extra input scales fused by a max (e.g. ``(0.5, 0.75)``).
         flip: average with the mirrored image's logits.
-        precision: ``"bf16"`` (default) or ``"fp32"`` network precision; softmax is always fp32.
+        precision: network precision, ``"auto"`` (default: bf16 where ``device`` computes it
+            natively, else fp32), ``"bf16"`` or ``"fp32"``; softmax is always fp32. The result's
+            ``precision`` says which ran.
         sliding_window: window size for large images (None: whole images).
         overlap: fraction of a window shared with its neighbour.
         crf: a ``deeplab.crf.DenseCRF`` (or any ``(image, probs) -> probs``) applied before the
@@ -147,7 +150,7 @@ def evaluate(
 
     Returns:
         The metrics of :func:`deeplab.engine.metrics.metrics_from_matrix` plus ``num_images``,
-        ``seconds``, ``images_per_s``, ``per_image`` (list of ``{"id", "miou", "pixel_acc"}``)
+        ``seconds``, ``images_per_s``, ``precision`` (the one that ran), ``per_image`` (list of ``{"id", "miou", "pixel_acc"}``)
         and, with ``keep_examples``, ``examples``: ``{"best": [...], "worst": [...]}`` of
         ``{"index", "id", "miou", "pred"}`` (pred a uint8 (H,W) array).
     """
@@ -159,6 +162,7 @@ def evaluate(
             f"the model predicts {model_classes} classes but the data set has {num_classes}: "
             "use weights trained on this data set"
         )
+    precision = resolve_precision(precision, device)
     if optimize:
         model = prepare_model(model, precision=precision, device=device)
     elif model.training:
@@ -232,6 +236,7 @@ def evaluate(
         num_images=len(per_image),
         seconds=seconds,
         images_per_s=len(per_image) / seconds if seconds > 0 else float("nan"),
+        precision=precision,
         per_image=per_image,
     )
     if keep_examples > 0:

@@ -8,8 +8,8 @@ upsampled bilinearly to the image size before the argmax (or the CRF). Choices m
   logits sit on the corner pixels. For the official 513x513 input (65x65 logits) this is the
   exact stride-8 grid; for other sizes it is within a stride of it, as is PyTorch's
   ``align_corners=False`` (kazuto1011/deeplab-pytorch's choice) with an offset of half a stride.
-- **Softmax in fp32**: the network may run in bf16 (``precision="bf16"``, the default: about 3x
-  faster on CPUs with AVX512-BF16) but logits are cast to fp32 before upsampling and softmax,
+- **Softmax in fp32**: the network may run in bf16 (``precision="auto"``, the default, picks it
+  where it is native: about 3x faster on CPUs with AVX512-BF16; fp32 on AVX2 CPUs) but logits are cast to fp32 before upsampling and softmax,
   so the probabilities handed to the CRF are not quantised to bf16's 8 bits.
 - **MSC**: exactly :class:`deeplab.models.DeepLabMSC`'s fusion: the input resized to Caffe's
   ``floor((H-1)*s)+1`` (bilinear, corners aligned), every output resized to the scale-1 logits'
@@ -34,12 +34,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from deeplab.models.inference import Precision, resolve_precision
 
 __all__ = [
     "ALIGN_CORNERS",
@@ -55,7 +55,6 @@ __all__ = [
 ALIGN_CORNERS = True
 #: Largest image (in pixels) the network sees in one piece; larger ones are downscaled first.
 DEFAULT_MAX_PIXELS = 6_000_000
-Precision = Literal["bf16", "fp32"]
 
 
 class InferenceNotice(UserWarning):
@@ -65,7 +64,7 @@ class InferenceNotice(UserWarning):
 def prepare_model(
     model: nn.Module,
     *,
-    precision: Precision = "bf16",
+    precision: Precision = "auto",
     device: str | torch.device = "cpu",
     channels_last: bool = True,
 ) -> nn.Module:
@@ -74,20 +73,16 @@ def prepare_model(
     Args:
         model: a model from ``deeplab.models.build_model`` (or any module mapping a normalised
             (B,3,H,W) batch to logits).
-        precision: ``"bf16"`` (autocast, the default) or ``"fp32"``.
+        precision: ``"auto"`` (the default: bf16 where ``device`` computes it natively, else
+            fp32; see :func:`deeplab.models.resolve_precision`), ``"bf16"`` or ``"fp32"``.
         device: where to run (``"cpu"`` or ``"cuda"``).
         channels_last: use the channels-last memory layout (faster convolutions on CPU).
     """
     from deeplab.models import optimize_for_inference
 
-    _check_precision(precision)
+    precision = resolve_precision(precision, device)
     model = optimize_for_inference(model, precision=precision, channels_last=channels_last)
     return model.to(device)
-
-
-def _check_precision(precision: str) -> None:
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -247,7 +242,7 @@ def predict_logits(
     normalization: dict,
     msc_scales: Sequence[float] | None = None,
     flip: bool = False,
-    precision: Precision = "bf16",
+    precision: Precision = "auto",
     sliding_window: int | None = None,
     overlap: float = 1 / 3,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -263,7 +258,7 @@ def predict_logits(
     """
     from deeplab.models import autocast
 
-    _check_precision(precision)
+    precision = resolve_precision(precision, _model_device(model))
     if model.training:
         raise ValueError("the model is in training mode: call prepare_model(model) or model.eval()")
     if not 0.0 <= overlap < 1.0:
@@ -333,7 +328,7 @@ def predict_probs(
     normalization: dict,
     msc_scales: Sequence[float] | None = None,
     flip: bool = False,
-    precision: Precision = "bf16",
+    precision: Precision = "auto",
     sliding_window: int | None = None,
     overlap: float = 1 / 3,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -349,7 +344,8 @@ def predict_probs(
             or ``{"mode": "rgb", "mean": [...], "std": [...]}``).
         msc_scales: extra input scales (e.g. ``(0.5, 0.75)``) fused with scale 1 by a max.
         flip: also run the mirrored image and average the logits.
-        precision: ``"bf16"`` (autocast, default) or ``"fp32"``.
+        precision: ``"auto"`` (default: bf16 where the model's device computes it natively),
+            ``"bf16"`` or ``"fp32"`` (autocast for a model not from :func:`prepare_model`).
         sliding_window: window size in pixels for large images (None: the whole image at once).
         overlap: fraction of a window shared with its neighbour.
         max_pixels: images above this many pixels are downscaled for the network (None: no cap).

@@ -26,6 +26,7 @@ from deeplab.engine.inference import (
     prepare_model,
     upsample_logits,
 )
+from deeplab.models.inference import resolve_precision
 
 __all__ = ["ModelBundle", "load_bundle", "overlay", "segment", "DEFAULT_NORMALIZATION"]
 
@@ -46,7 +47,7 @@ class ModelBundle:
         crf_params: ``DenseCRF`` keyword arguments stored with the weights ({} for the defaults).
         input_scale: the factor the image is resized by for the network (the weights'
             ``input_scale``, 1 when absent).
-        precision: ``"bf16"`` or ``"fp32"``.
+        precision: what the model computes in, ``"bf16"`` or ``"fp32"`` (``"auto"`` resolved).
         device: where the model runs.
         metadata: the weights file's full metadata ({} without a file).
     """
@@ -58,7 +59,7 @@ class ModelBundle:
     normalization: dict
     crf_params: dict = field(default_factory=dict)
     input_scale: float = 1.0
-    precision: Precision = "bf16"
+    precision: Precision = "fp32"
     device: str = "cpu"
     metadata: dict = field(default_factory=dict)
 
@@ -91,11 +92,12 @@ def bundle_from_model(
     model: nn.Module,
     metadata: dict | None = None,
     *,
-    precision: Precision = "bf16",
+    precision: Precision = "auto",
     device: str = "cpu",
     optimize: bool = True,
 ) -> ModelBundle:
-    """Wrap an in-memory model (and optional metadata) into a prepared :class:`ModelBundle`."""
+    """Wrap an in-memory model (and optional metadata) into a prepared :class:`ModelBundle`
+    (``precision="auto"``: bf16 where ``device`` computes it natively, else fp32)."""
     meta = dict(metadata or {})
     num_classes = int(getattr(model, "num_classes", meta.get("num_classes", 0)) or 0)
     if num_classes <= 0:
@@ -112,6 +114,7 @@ def bundle_from_model(
     if len(palette) < num_classes:
         palette = np.concatenate([palette, _default_palette(num_classes)[len(palette) :]])
     device = check_device(device)
+    precision = resolve_precision(precision, device)
     prepared = prepare_model(model, precision=precision, device=device) if optimize else model
     return ModelBundle(
         model=prepared,
@@ -131,7 +134,7 @@ def load_bundle(
     weights: str | os.PathLike | None = None,
     *,
     model_name: str | None = None,
-    precision: Precision = "bf16",
+    precision: Precision = "auto",
     device: str = "cpu",
 ) -> ModelBundle:
     """Build the model of a weights file, load it and prepare it for inference.
@@ -140,7 +143,8 @@ def load_bundle(
         weights: a ``.safetensors`` file from ``deeplab train`` / ``deeplab convert``; None for
             the packaged default model (``deeplab.weights.default_weights_path()``).
         model_name: expected ``build_model`` name; an error if the file says otherwise.
-        precision: ``"bf16"`` or ``"fp32"``.
+        precision: ``"auto"`` (bf16 where ``device`` computes it natively, else fp32),
+            ``"bf16"`` or ``"fp32"``.
         device: ``"cpu"`` or ``"cuda"``.
 
     Raises:
@@ -292,7 +296,7 @@ def segment(
     weights: str | os.PathLike | None = None,
     crf: bool | dict = False,
     msc_scales: Sequence[float] | None = None,
-    precision: Precision = "bf16",
+    precision: Precision = "auto",
     device: str = "cpu",
     *,
     flip: bool = False,
@@ -310,7 +314,8 @@ def segment(
         crf: refine with the fully connected CRF: True (the parameters stored with the weights,
             else ``DenseCRF``'s defaults) or a dict of ``DenseCRF`` keyword arguments.
         msc_scales: extra input scales fused by a max, e.g. ``(0.5, 0.75)``.
-        precision: ``"bf16"`` (default) or ``"fp32"``.
+        precision: ``"auto"`` (default: bf16 where ``device`` computes it natively, else
+            fp32), ``"bf16"`` or ``"fp32"``.
         device: ``"cpu"`` or ``"cuda"``.
         flip: also average with the mirrored image.
         max_pixels: larger images are downscaled for the network (the output stays full size).
@@ -337,7 +342,7 @@ def segment(
         normalization=bundle.normalization,
         msc_scales=msc_scales,
         flip=flip,
-        precision=precision,
+        precision=bundle.precision,
         max_pixels=max_pixels,
         input_scale=bundle.scale_for(input_scale),
     )

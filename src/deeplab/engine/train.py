@@ -48,6 +48,7 @@ from deeplab.engine.config import TrainConfig, resolve_data_root, save_config
 from deeplab.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from deeplab.engine.losses import lovasz_softmax, msc_cross_entropy, valid_weight
 from deeplab.engine.lr_schedule import PolyLR
+from deeplab.models.inference import resolve_precision
 
 __all__ = [
     "TrainingDiverged",
@@ -372,7 +373,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     *,
-    precision: str = "bf16",
+    precision: str = "auto",
     ignore_index: int = 255,
     class_weights: torch.Tensor | None = None,
     loss_resolution: str = "logits",
@@ -391,7 +392,8 @@ def train_step(
         optimizer: its optimiser (gradients are zeroed here first).
         micro_batches: ``iter_size`` pairs (images (B,3,H,W) on the model's device, labels (B,H,W)),
             all crops of the same size.
-        precision: ``"bf16"`` (autocast on the images' device; the loss in fp32) or ``"fp32"``.
+        precision: ``"auto"`` (bf16 where the images' device computes it natively, else fp32),
+            ``"bf16"`` (autocast on the images' device; the loss in fp32) or ``"fp32"``.
         ignore_index: label that does not count.
         class_weights: optional (C,) class weights on the device.
         loss_resolution: ``"logits"`` (the paper: labels shrunk to each logits map) or
@@ -407,7 +409,8 @@ def train_step(
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     world = torch.distributed.get_world_size() if ddp else 1
     device = micro_batches[0][0].device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    bf16 = resolve_precision(precision, device) == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     optimizer.zero_grad(set_to_none=True)
     normalizers: list[float] | None = None
     sizes: list[tuple[int, ...]] = []
@@ -588,6 +591,8 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
         log("class weights: " + ", ".join(f"{w:.3g}" for w in weights_list))
 
     # ---- model -----------------------------------------------------------------------------
+    if cfg.precision == "auto":  # the one that runs, for the log: "auto" differs between machines
+        log(f"precision: auto -> {resolve_precision('auto', device)} on this {device.type}")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)

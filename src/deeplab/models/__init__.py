@@ -13,7 +13,7 @@ batch-norm and :func:`optimize_for_inference` / :func:`autocast` for the fast CP
 from __future__ import annotations
 
 from deeplab.models.deeplab import MIN_INPUT_SIZE, DeepLab
-from deeplab.models.inference import autocast, fold_batchnorm, optimize_for_inference
+from deeplab.models.inference import autocast, fold_batchnorm, native_bf16, optimize_for_inference, resolve_precision
 from deeplab.models.layers import FrozenBatchNorm2d, atrous_schedule, freeze_batchnorm, scale_atrous_rates
 from deeplab.models.msc import DeepLabMSC
 from deeplab.models.zoo import ASPP_L, ASPP_S, ModelInfo, build_model, list_models, model_info
@@ -30,6 +30,8 @@ __all__ = [
     "fold_batchnorm",
     "optimize_for_inference",
     "autocast",
+    "native_bf16",
+    "resolve_precision",
     "atrous_schedule",
     "scale_atrous_rates",
     "ASPP_L",
