@@ -10,7 +10,10 @@ tree of at most 64 MiB, run one command of at most 10 minutes and give back at m
                    train, 6 for val, 1.9 grey levels of mean error) with the original PNG
                    labels, in the camvid layout with its own list files, so ``--dataset camvid``
                    reads it unchanged.
-  train   (there)  a probe of a few iterations measures the step time with the real data
+  train   (there)  first the CUDA checks (the packaged model's val mIoU on the GPU in bf16 and
+                   fp32 against the CPU in fp32, and the CRF's labels on the GPU against the
+                   CPU's, each with its images/s: the CUDA paths no CPU machine can test); then
+                   a probe of a few iterations measures the step time with the real data
                    loading, then one run whose max_iter fits --budget-s, so the poly schedule
                    runs to its end inside the lease; then the last weights as float16 shards,
                    the run's config, metrics, log and a record.json (speeds, figures, shards'
@@ -111,6 +114,50 @@ def _shard(state: dict, limit_bytes: int) -> list[dict]:
     return shards
 
 
+def cuda_checks(pack: Path, device: str, images: int) -> dict:
+    """The packaged model and the CRF on ``device`` against the CPU, on the pack's first val images."""
+    import numpy as np
+    import torch
+
+    from deeplab.crf import DenseCRF
+    from deeplab.data import build_dataset
+    from deeplab.engine.evaluate import evaluate
+    from deeplab.engine.inference import predict_probs, prepare_model
+    from deeplab.weights import build_from_weights, default_weights_path
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    model, meta = build_from_weights(default_weights_path())
+    val = build_dataset("camvid", pack, "val")
+    norm = meta["normalization"]
+    out: dict = {"device": device}
+    for where, precision in (("cpu", "fp32"), (device, "fp32"), (device, "auto")):
+        r = evaluate(model, val, normalization=norm, precision=precision, device=where, limit=images)
+        out[f"miou_{where.split(':')[0]}_{r['precision']}"] = r["miou"]
+        out[f"images_per_s_{where.split(':')[0]}_{r['precision']}"] = r["images_per_s"]
+    crf = DenseCRF(**meta["crf"])
+    cpu_model = prepare_model(model, precision="fp32")
+    agree, pixels, seconds = 0, 0, 0.0
+    for i in range(min(images, len(val))):
+        image, _ = val[i]
+        probs = predict_probs(cpu_model, image, normalization=norm, precision="fp32")[0]
+        reference = crf(image, probs.numpy()).argmax(0)
+        gpu_probs, gpu_image = probs.to(device), torch.from_numpy(np.ascontiguousarray(image)).to(device)
+        crf(gpu_image, gpu_probs)  # the first call per size builds and caches the positional kernel
+        sync()
+        t0 = time.perf_counter()
+        labels = crf(gpu_image, gpu_probs).argmax(0)
+        sync()
+        seconds += time.perf_counter() - t0
+        agree += int((labels.cpu().numpy() == reference).sum())
+        pixels += reference.size
+    out["crf_label_agreement"] = agree / pixels
+    out["crf_images_per_s"] = min(images, len(val)) / seconds
+    return out
+
+
 def run_training(args: argparse.Namespace) -> dict:
     """Probe, train within the budget, evaluate at output stride 8, write the shards."""
     import torch
@@ -135,12 +182,18 @@ def run_training(args: argparse.Namespace) -> dict:
                     "budget_s": args.budget_s}
 
     t0 = time.perf_counter()
+    if args.checks == "on" or (args.checks == "auto" and torch.cuda.is_available()):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        record["checks"] = cuda_checks(args.pack, device, args.check_images)
+        record["checks_s"] = round(time.perf_counter() - t0, 1)
+        print("checks: " + json.dumps(record["checks"]), file=sys.stderr)
+    t_probe = time.perf_counter()
     probe = load_config(args.config, [*base, f"solver.max_iter={args.probe_iters}", "data.val_split=null",
                                       "log_interval=1"])
     train(probe, work / "probe", progress=False)
     step = _seconds_per_iteration(work / "probe" / "metrics.jsonl", args.probe_iters)
     max_iter = max(int(args.budget_s / step), 1)
-    record.update(probe_s=round(time.perf_counter() - t0, 1), seconds_per_iteration=round(step, 4),
+    record.update(probe_s=round(time.perf_counter() - t_probe, 1), seconds_per_iteration=round(step, 4),
                   max_iter=max_iter)
     print(f"probe: {step:.4f} s per iteration -> max_iter {max_iter} for {args.budget_s:g} s", file=sys.stderr)
 
@@ -223,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, as for deeplab train (repeatable)")
     t.add_argument("--probe-iters", type=int, default=30)
+    t.add_argument("--checks", choices=("auto", "on", "off"), default="auto",
+                   help="the CUDA checks before training (auto: where CUDA is available)")
+    t.add_argument("--check-images", type=int, default=8, help="val images for the checks")
     t.add_argument("--workers", type=int, default=None, help="data loader processes (default: cores - 2, at most 12)")
     t.add_argument("--shard-mb", type=float, default=15.0, help="largest shard in MiB (the tool returns <= 16)")
     t.add_argument("--work-dir", type=Path, default=Path("/tmp/deeplab_gpu_run"), help="run folders (emptied first)")

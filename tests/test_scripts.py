@@ -179,11 +179,16 @@ def test_gpu_camvid_pack_train_unpack_round_trip(camvid_root, tmp_path):
 
     _script("gpu_camvid.py", "train", "--pack", str(pack), "--out", str(out), "--work-dir", str(work),
             "--budget-s", "1", "--probe-iters", "3", "--workers", "0", "--shard-mb", "8",
+            "--checks", "on", "--check-images", "1",
             "--set", "data.crop_size=65", "--set", "solver.batch_size=2", "--set", "model.output_stride=16")
     record = json.loads((out / "record.json").read_text())
     assert record["max_iter"] == max(int(1 / record["seconds_per_iteration"]), 1)
     assert f"max_iter: {record['max_iter']}" in (out / "config.yaml").read_text()
     assert 0.0 <= record["val_miou_stride8_jpeg"] <= 1.0
+    # The checks' code path on the CPU: the CRF fed torch tensors against numpy arrays, and the
+    # packaged model on the JPEG val image near its PNG figures.
+    assert record["checks"]["crf_label_agreement"] == 1.0
+    assert 0.3 < record["checks"]["miou_cpu_fp32"] <= 1.0
     shards = sorted(out.glob("weights-*.safetensors"))
     assert len(shards) == len(record["shards"]) >= 2  # ResNet-18 in float16: 23 MB
     assert all(p.stat().st_size <= 8 * 2**20 + 2**16 for p in shards)
