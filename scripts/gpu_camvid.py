@@ -32,7 +32,6 @@ Example (the command the README gives for the device tool is the ``train`` line)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -40,20 +39,14 @@ import sys
 import time
 from pathlib import Path
 
+from deeplab.fileio import sha256_file
+
 _REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = _REPO / "configs" / "camvid_resnet18.yaml"
 SPLITS = ("train", "val")
 RECORD = "record.json"
 # Copied back beside the shards (record.json and the log make the rest of the tool's 8 files).
 RUN_FILES = ("config.yaml", "metrics.jsonl")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- pack ------------------------------------------------------------------------------------
@@ -223,7 +216,7 @@ def run_training(args: argparse.Namespace) -> dict:
         shutil.copyfile(work / "run" / name, out / name)
     weights_json = work / "run" / "class_weights.json"
     record["class_weights"] = json.loads(weights_json.read_text()) if weights_json.is_file() else None
-    record["shards"] = {name: _sha256(out / name) for name in names}
+    record["shards"] = {name: sha256_file(out / name) for name in names}
     record["total_s"] = round(time.perf_counter() - t0, 1)
     (out / RECORD).write_text(json.dumps(record, indent=1))
     print(json.dumps({k: v for k, v in record.items() if k not in ("shards", "class_weights")}), file=sys.stderr)
@@ -246,7 +239,7 @@ def unpack(src: Path, dst: Path) -> Path:
     meta: dict = {}
     for name, digest in record["shards"].items():
         path = src / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_file(path) != digest:
             raise SystemExit(f"unpack: {path} is missing or differs from the record's sha256; fetch it again")
         piece, meta = read_safetensors(path)
         state.update(piece)

@@ -9,13 +9,14 @@ the rest of the package, so any layer may use it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_open", "atomic_path"]
+__all__ = ["atomic_open", "atomic_path", "sha256_file"]
 
 
 def _default_mode() -> int:
@@ -52,3 +53,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; rename it over ``path`` on success."""
     with atomic_path(path) as tmp, open(tmp, mode) as f:
         yield f
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -17,7 +17,6 @@ seed and the iteration (see :mod:`deeplab.engine.train`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deeplab.fileio import atomic_path
+from deeplab.fileio import atomic_path, sha256_file
 
 __all__ = [
     "CheckpointError",
@@ -79,14 +78,6 @@ def link_or_copy(src: Path, dst: Path) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         atomic_write(dst, lambda p: p.write_bytes(Path(src).read_bytes()))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, Any] | None = None) -> None:
@@ -184,7 +175,7 @@ def save_training_checkpoint(
     state = dict(training_state)
     state["iteration"] = int(iteration)
     state["weights_file"] = weights.name
-    state["weights_sha256"] = _sha256(weights)
+    state["weights_sha256"] = sha256_file(weights)
     atomic_write(pt, lambda p: torch.save(state, p))
     for old in find_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
@@ -236,7 +227,7 @@ def load_training_state(pt: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     weights = pt.parent / state["weights_file"]
     if not weights.is_file():
         raise CheckpointError(f"the weights file {weights} of checkpoint {pt} is missing{hint}")
-    if _sha256(weights) != state.get("weights_sha256"):
+    if sha256_file(weights) != state.get("weights_sha256"):
         raise CheckpointError(
             f"the weights file {weights} does not match checkpoint {pt} (truncated or overwritten){hint}"
         )
