@@ -14,8 +14,8 @@ tree of at most 64 MiB, run one command of at most 10 minutes and give back at m
                    fp32 against the CPU in fp32, and the CRF's labels on the GPU against the
                    CPU's, each with its images/s: the CUDA paths no CPU machine can test); then
                    a probe of a few iterations measures the step time with the real data
-                   loading, then one run whose max_iter fits --budget-s, so the poly schedule
-                   runs to its end inside the lease; then the last weights as float16 shards,
+                   loading, then one run whose max_iter fits what --deadline-s leaves, so the
+                   poly schedule runs to its end inside the lease; then the last weights as float16 shards,
                    the run's config, metrics, log and a record.json (speeds, figures, shards'
                    sha256) in --out.
   unpack  (here)   the shards, checked against the record, joined into one safetensors file
@@ -24,7 +24,7 @@ tree of at most 64 MiB, run one command of at most 10 minutes and give back at m
 
 Example (the command the README gives for the device tool is the ``train`` line):
   python scripts/gpu_camvid.py pack --data-root ../shared/data/camvid_segnet --dst .gpu_pack
-  PYTHONPATH=src python3 scripts/gpu_camvid.py train --pack .gpu_pack --out "$OUT" --budget-s 360 \\
+  PYTHONPATH=src python3 scripts/gpu_camvid.py train --pack .gpu_pack --out "$OUT" --deadline-s 540 \\
       --set model.name=deeplab_v2_resnet34
   python scripts/gpu_camvid.py unpack /path/to/returned/files --dst runs/gpu_r34/last.safetensors
 """
@@ -45,6 +45,7 @@ _REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = _REPO / "configs" / "camvid_resnet18.yaml"
 SPLITS = ("train", "val")
 RECORD = "record.json"
+MAX_RETURNED_FILES = 8
 # Copied back beside the shards (record.json and the log make the rest of the tool's 8 files).
 RUN_FILES = ("config.yaml", "metrics.jsonl")
 
@@ -85,12 +86,20 @@ def pack(data_root: Path, dst: Path, *, quality: int = 90, limit: int | None = N
 
 
 def _seconds_per_iteration(metrics: Path, iterations: int) -> float:
-    """Step time from the probe's log, skipping its first third (workers starting, cuDNN tuning)."""
+    """Step time from the probe's log, its second half only (workers starting, cuDNN tuning)."""
     times = {r["iteration"]: r["time"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r}
-    first = max(iterations // 3, 1)
+    first = max(iterations // 2, 1)
     if iterations not in times or first not in times or first == iterations:
         raise SystemExit(f"train: the probe logged too few iterations in {metrics} to time a step")
     return (times[iterations] - times[first]) / (iterations - first)
+
+
+def fit_iterations(seconds: float, step: float, margin: float = 0.1) -> int:
+    """Iterations that fit ``seconds`` at ``step`` seconds each, ``margin`` of the time kept back
+    (the probe may run on the fast side); at least 1. ``seconds`` is what the deadline leaves
+    after the reserve for the run's start and end (class weights, loader workers, the two
+    validations, the shards)."""
+    return max(int((1.0 - margin) * seconds / step), 1)
 
 
 def _shard(state: dict, limit_bytes: int) -> list[dict]:
@@ -126,10 +135,10 @@ def cuda_checks(pack: Path, device: str, images: int) -> dict:
     val = build_dataset("camvid", pack, "val")
     norm = meta["normalization"]
     out: dict = {"device": device}
-    for where, precision in (("cpu", "fp32"), (device, "fp32"), (device, "auto")):
+    for row, where, precision in (("cpu_fp32", "cpu", "fp32"), ("device_fp32", device, "fp32"),
+                                  ("device_auto", device, "auto")):
         r = evaluate(model, val, normalization=norm, precision=precision, device=where, limit=images)
-        out[f"miou_{where.split(':')[0]}_{r['precision']}"] = r["miou"]
-        out[f"images_per_s_{where.split(':')[0]}_{r['precision']}"] = r["images_per_s"]
+        out[row] = {"miou": r["miou"], "images_per_s": r["images_per_s"], "precision": r["precision"]}
     crf = DenseCRF(**meta["crf"])
     cpu_model = prepare_model(model, precision="fp32")
     agree, pixels, seconds = 0, 0, 0.0
@@ -152,7 +161,7 @@ def cuda_checks(pack: Path, device: str, images: int) -> dict:
 
 
 def run_training(args: argparse.Namespace) -> dict:
-    """Probe, train within the budget, evaluate at output stride 8, write the shards."""
+    """Check, probe, train within the deadline, evaluate at output stride 8, write the shards."""
     import torch
 
     from deeplab.data import build_dataset
@@ -172,23 +181,32 @@ def run_training(args: argparse.Namespace) -> dict:
             "checkpoint_interval=0", "log_interval=10", *args.overrides]
     record: dict = {"torch": torch.__version__,
                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                    "budget_s": args.budget_s}
+                    "deadline_s": args.deadline_s}
+
+    def save_record() -> None:  # after each stage: a command stopped at its limit still returns it
+        (out / RECORD).write_text(json.dumps(record, indent=1))
 
     t0 = time.perf_counter()
     if args.checks == "on" or (args.checks == "auto" and torch.cuda.is_available()):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        record["checks"] = cuda_checks(args.pack, device, args.check_images)
+        try:
+            record["checks"] = cuda_checks(args.pack, device, args.check_images)
+        except Exception as e:  # a broken CUDA path is a finding, not a reason to skip the training
+            record["checks_error"] = f"{type(e).__name__}: {e}"
         record["checks_s"] = round(time.perf_counter() - t0, 1)
-        print("checks: " + json.dumps(record["checks"]), file=sys.stderr)
+        print("checks: " + json.dumps(record.get("checks") or record.get("checks_error")), file=sys.stderr)
+        save_record()
     t_probe = time.perf_counter()
     probe = load_config(args.config, [*base, f"solver.max_iter={args.probe_iters}", "data.val_split=null",
                                       "log_interval=1"])
     train(probe, work / "probe", progress=False)
     step = _seconds_per_iteration(work / "probe" / "metrics.jsonl", args.probe_iters)
-    max_iter = max(int(args.budget_s / step), 1)
+    left = args.deadline_s - (time.perf_counter() - t0) - args.reserve_s
+    max_iter = fit_iterations(left, step)
     record.update(probe_s=round(time.perf_counter() - t_probe, 1), seconds_per_iteration=round(step, 4),
                   max_iter=max_iter)
-    print(f"probe: {step:.4f} s per iteration -> max_iter {max_iter} for {args.budget_s:g} s", file=sys.stderr)
+    save_record()
+    print(f"probe: {step:.4f} s per iteration -> max_iter {max_iter} for {left:.0f} s", file=sys.stderr)
 
     cfg = load_config(args.config, [*base, f"solver.max_iter={max_iter}"])
     summary = train(cfg, work / "run", progress=False)
@@ -218,7 +236,11 @@ def run_training(args: argparse.Namespace) -> dict:
     record["class_weights"] = json.loads(weights_json.read_text()) if weights_json.is_file() else None
     record["shards"] = {name: sha256_file(out / name) for name in names}
     record["total_s"] = round(time.perf_counter() - t0, 1)
-    (out / RECORD).write_text(json.dumps(record, indent=1))
+    save_record()
+    returned = len(names) + len(RUN_FILES) + 2  # + record.json and the command's log
+    if returned > MAX_RETURNED_FILES:
+        print(f"warning: {returned} files to return, the device tool gives back {MAX_RETURNED_FILES}: "
+              "raise --shard-mb (at most 15)", file=sys.stderr)
     print(json.dumps({k: v for k, v in record.items() if k not in ("shards", "class_weights")}), file=sys.stderr)
     return record
 
@@ -253,6 +275,13 @@ def unpack(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,17 +290,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dst", type=Path, required=True, help="the pack folder (ignored by git: .gpu_pack)")
     p.add_argument("--quality", type=int, default=90)
     p.add_argument("--limit", type=int, default=None, help="first N images of each split (tests)")
-    t = sub.add_parser("train", help="probe, train within --budget-s, shard the weights into --out")
+    t = sub.add_parser("train", help="check, probe, train within --deadline-s, shard the weights into --out")
     t.add_argument("--pack", type=Path, required=True)
     t.add_argument("--out", type=Path, required=True, help="where the returned files go ($OUT)")
-    t.add_argument("--budget-s", type=float, required=True, help="wall time for the main run's iterations")
+    t.add_argument("--deadline-s", type=float, required=True,
+                   help="wall time of the whole command: the main run gets what the checks and the probe leave")
+    t.add_argument("--reserve-s", type=float, default=90.0,
+                   help="kept back from the deadline for the main run's start and end")
     t.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, as for deeplab train (repeatable)")
     t.add_argument("--probe-iters", type=int, default=30)
     t.add_argument("--checks", choices=("auto", "on", "off"), default="auto",
                    help="the CUDA checks before training (auto: where CUDA is available)")
-    t.add_argument("--check-images", type=int, default=8, help="val images for the checks")
+    t.add_argument("--check-images", type=_positive_int, default=8, help="val images for the checks")
     t.add_argument("--workers", type=int, default=None, help="data loader processes (default: cores - 2, at most 12)")
     t.add_argument("--shard-mb", type=float, default=15.0, help="largest shard in MiB (the tool returns <= 16)")
     t.add_argument("--work-dir", type=Path, default=Path("/tmp/deeplab_gpu_run"), help="run folders (emptied first)")

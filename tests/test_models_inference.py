@@ -175,7 +175,7 @@ def bf16_units(monkeypatch):
     import deeplab.models.inference as inf
 
     def set_native(native: bool) -> None:
-        monkeypatch.setattr(inf, "_native_bf16", lambda device_type: native)
+        monkeypatch.setattr(inf, "_native_bf16", lambda device_type, index=None: native)
         inf._warn_emulated_bf16.cache_clear()
 
     yield set_native
@@ -225,3 +225,20 @@ def test_auto_precision_reaches_the_inference_path(bf16_units, native):
     if not native:
         x = torch.randn(1, 3, 65, 65)
         torch.testing.assert_close(fast(x), optimize_for_inference(model, precision="fp32")(x), rtol=0, atol=0)
+
+
+def test_prepare_model_resolves_for_the_target_device(monkeypatch, recwarn):
+    """A model still on the CPU, prepared for a device with bf16 units (here "meta" plays the
+    GPU), runs in bf16 there and raises no emulation warning for the CPU it came from."""
+    import deeplab.models.inference as inf
+    from deeplab.engine.inference import prepare_model
+
+    monkeypatch.setattr(inf, "_native_bf16", lambda device_type, index=None: device_type == "meta")
+    inf._warn_emulated_bf16.cache_clear()
+    model = build_model("deeplab_v2_resnet18", num_classes=3, output_stride=16).eval()
+    prepared = prepare_model(model, device="meta")
+    assert prepared.precision == "bf16"
+    assert next(prepared.parameters()).device.type == "meta"
+    assert not [w for w in recwarn if "emulated" in str(w.message)]
+    assert optimize_for_inference(model).precision == "fp32"  # the CPU itself has none here
+    inf._warn_emulated_bf16.cache_clear()

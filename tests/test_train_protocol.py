@@ -194,7 +194,7 @@ def test_auto_precision_trains_in_bf16_only_where_native(monkeypatch, native):
     from deeplab.engine.config import parse_config
 
     assert parse_config({}).precision == "auto"
-    monkeypatch.setattr(inf, "_native_bf16", lambda device_type: native)
+    monkeypatch.setattr(inf, "_native_bf16", lambda device_type, index=None: native)
     torch.manual_seed(0)
     model = nn.Conv2d(3, 4, 3, padding=1)
     batch = [(torch.randn(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8)))]

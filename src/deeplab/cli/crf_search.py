@@ -45,7 +45,7 @@ def parse_range(text: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deeplab.cli.segment import add_input_scale_argument, parse_scales
+    from deeplab.cli.segment import add_input_scale_argument, add_precision_argument, parse_scales
 
     parser.add_argument("--dataset", required=True, help="data set name")
     parser.add_argument("--data-root", required=True, type=Path, help="the data set's root folder")
@@ -60,8 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra input scales when computing probabilities")
     add_input_scale_argument(parser)
     parser.add_argument("--flip", action="store_true", help="flip averaging when computing probabilities")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="network precision when computing probabilities (auto: bf16 where native, else fp32)")
+    add_precision_argument(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (network and CRF)")
     parser.add_argument("--bi-w", type=parse_range, default="3:1:6",
                         metavar="RANGE", help="bilateral weight w1 values: start:step:stop or a list")

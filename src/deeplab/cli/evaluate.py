@@ -24,7 +24,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deeplab.cli.segment import add_input_scale_argument, check_output_file, check_writable, parse_scales
+from deeplab.cli.segment import (
+    add_input_scale_argument,
+    add_precision_argument,
+    check_output_file,
+    check_writable,
+    parse_scales,
+)
 
 
 def parse_crf_params(text: str | None) -> dict[str, float]:
@@ -85,9 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write the metrics as JSON")
     parser.add_argument("--report", type=Path, default=None, metavar="DIR",
                         help="write an HTML report (index.html) into DIR")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="network precision; auto: bf16 where the device computes it natively (AVX-512 / AMX "
-                             "CPUs, Ampere+ GPUs), else fp32 (softmax is always fp32)")
+    add_precision_argument(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")

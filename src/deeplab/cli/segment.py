@@ -74,6 +74,13 @@ def add_input_scale_argument(parser: argparse.ArgumentParser) -> None:
                         "unset: the weights' input_scale, else 1")
 
 
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision``, shared by segment, eval and crf-search."""
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="network precision; auto: bf16 where the device computes it natively (AVX-512 / AMX "
+                             "CPUs, Ampere+ GPUs), else fp32 (softmax is always fp32)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                         help="image files, folders of images or glob patterns")
@@ -88,9 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_input_scale_argument(parser)
     parser.add_argument("--flip", action="store_true", help="also average the mirrored image")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="network precision; auto: bf16 where the device computes it natively (AVX-512 / AMX "
-                             "CPUs, Ampere+ GPUs), else fp32 (softmax is always fp32)")
+    add_precision_argument(parser)
     parser.add_argument("--batch", type=int, default=1,
                         help="images per forward pass (consecutive images of one size)")
     parser.add_argument("--save-probs", action="store_true",

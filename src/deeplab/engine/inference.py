@@ -78,10 +78,10 @@ def prepare_model(
         device: where to run (``"cpu"`` or ``"cuda"``).
         channels_last: use the channels-last memory layout (faster convolutions on CPU).
     """
-    from deeplab.models import optimize_for_inference
+    from deeplab.models.inference import optimize_resolved
 
-    precision = resolve_precision(precision, device)
-    model = optimize_for_inference(model, precision=precision, channels_last=channels_last)
+    # Resolved for the device the copy runs on, not the one the model is on now.
+    model = optimize_resolved(model, resolve_precision(precision, device), channels_last=channels_last)
     return model.to(device)
 
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class ModelBundle:
     normalization: dict
     crf_params: dict = field(default_factory=dict)
     input_scale: float = 1.0
-    precision: Precision = "fp32"
+    precision: Literal["bf16", "fp32"] = "fp32"
     device: str = "cpu"
     metadata: dict = field(default_factory=dict)
 

@@ -33,9 +33,11 @@ def _check_precision(precision: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _native_bf16(device_type: str) -> bool:
+def _native_bf16(device_type: str, index: int | None = None) -> bool:
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # Compute capability 8 (Ampere) and later have bf16 units; torch's is_bf16_supported()
+        # also says yes for older GPUs that emulate it.
+        return torch.cuda.is_available() and torch.cuda.get_device_properties(index or 0).major >= 8
     if device_type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -48,29 +50,30 @@ def _native_bf16(device_type: str) -> bool:
 def native_bf16(device: str | torch.device = "cpu") -> bool:
     """Whether bfloat16 convolutions run faster than float32 on ``device``.
 
-    True on GPUs with bf16 (Ampere and later) and on CPUs with AVX-512 or AMX. On AVX2-only
-    CPUs oneDNN emulates bf16, and it is far slower: a ResNet-18 DeepLab at 480x360 took 4.6 s
-    per image in bf16 against 0.41 s in float32 on a 2-core AVX2 EPYC (``optimize_for_inference``,
+    True on GPUs from Ampere on and on CPUs with AVX-512 or AMX. On AVX2-only CPUs oneDNN
+    emulates bf16, and it is far slower: a ResNet-18 DeepLab at 480x360 took 4.6 s per image in
+    bf16 against 0.41 s in float32 on a 2-core AVX2 EPYC (``optimize_for_inference``,
     channels_last).
     """
-    return _native_bf16(torch.device(device).type)
+    device = torch.device(device)
+    return _native_bf16(device.type, device.index)
+
+
+_EMULATED = {"cpu": "this CPU has no AVX-512 / AMX bf16 units", "cuda": "GPUs before Ampere have no bf16 units"}
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_emulated_bf16(device_type: str) -> None:
-    warnings.warn(
-        f"precision 'bf16' on this {device_type.upper()} is emulated (no AVX-512 / AMX bf16 units) and "
-        "about 10x slower than fp32: use precision 'auto' (the default) or 'fp32'",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    why = _EMULATED.get(device_type, f"{device_type} has no native bf16")
+    warnings.warn(f"precision 'bf16' is emulated here ({why}) and about 9x slower than fp32: "
+                  "use precision 'auto' (the default) or 'fp32'", RuntimeWarning, stacklevel=2)
 
 
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> Literal["bf16", "fp32"]:
     """The precision to compute in: ``"auto"`` is bf16 where :func:`native_bf16`, else fp32.
 
-    An explicit ``"bf16"`` is kept (with a warning, once, where it is emulated): it is also the
-    precision the published figures were measured in.
+    An explicit ``"bf16"`` is kept (with a warning, once per process, where it is emulated): it
+    is also the precision most published figures were measured in.
     """
     _check_precision(precision)
     if precision == "auto":
@@ -219,7 +222,14 @@ def optimize_for_inference(
         fold_bn: fold batch-norm into the preceding convolutions.
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    precision = resolve_precision(precision, device)
+    return optimize_resolved(model, resolve_precision(precision, device), channels_last=channels_last,
+                             fold_bn=fold_bn)
+
+
+def optimize_resolved(model: nn.Module, precision: Literal["bf16", "fp32"], *, channels_last: bool = True,
+                      fold_bn: bool = True) -> nn.Module:
+    """:func:`optimize_for_inference` with a precision already resolved for the device the
+    copy will run on (which may not be the one ``model`` is on yet)."""
     optimized = copy.deepcopy(model).eval()
     for p in optimized.parameters():
         p.requires_grad_(False)
