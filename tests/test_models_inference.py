@@ -143,6 +143,9 @@ def test_cli_models_lists_every_model_with_counts(capsys: pytest.CaptureFixture[
     for name in list_models():
         assert name in out
     assert "44,048,532" in out and "20,505,429" in out
+    from deeplab.models import resolve_precision
+
+    assert f"precision 'auto' here: {resolve_precision('auto', 'cpu')} on cpu" in out
     assert cli_models.run(parser.parse_args(["--names"])) == 0
     assert capsys.readouterr().out.split() == list_models()
     assert cli_models.run(parser.parse_args(["--num-classes", "0"])) == 2

@@ -1,7 +1,8 @@
 """List the model names that build_model accepts, with their parameter counts.
 
 Examples:
-  deeplab models                        # table: name, backbone, head, parameters, default rates
+  deeplab models                        # table: name, backbone, head, parameters, default rates;
+                                        # and what precision "auto" means on this machine
   deeplab models --num-classes 19       # parameter counts for 19 classes (Cityscapes)
   deeplab models --names                # just the names, one a line (for scripts)
 """
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the model table; returns the exit status."""
     import torch
 
-    from deeplab.models import build_model, list_models, model_info
+    from deeplab.models import build_model, list_models, model_info, resolve_precision
 
     if args.num_classes < 1:
         print(f"error: --num-classes {args.num_classes} must be a positive integer", file=sys.stderr)
@@ -44,4 +45,8 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     print(f"\nparameters counted with {args.num_classes} classes; atrous_rates are given at output stride 8")
+    # Which precision "auto" (every command's default) means on this machine: it differs between CPUs.
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print("precision 'auto' here: " + ", ".join(f"{resolve_precision('auto', d)} on {d}" for d in devices)
+          + " (bf16 only where the device computes it natively)")
     return 0
