@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from deeplab.fileio import sha256_file
+from deeplab.fileio import atomic_open, sha256_file
 
 _REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = _REPO / "configs" / "camvid_resnet18.yaml"
@@ -184,7 +184,8 @@ def run_training(args: argparse.Namespace) -> dict:
                     "deadline_s": args.deadline_s}
 
     def save_record() -> None:  # after each stage: a command stopped at its limit still returns it
-        (out / RECORD).write_text(json.dumps(record, indent=1))
+        with atomic_open(out / RECORD, "w") as f:
+            json.dump(record, f, indent=1)
 
     t0 = time.perf_counter()
     if args.checks == "on" or (args.checks == "auto" and torch.cuda.is_available()):

@@ -1,4 +1,4 @@
-"""Atomic file writes, shared by every part of the package that writes outputs.
+"""Atomic file writes (and a file digest), shared by every part of the package that writes outputs.
 
 A reader (or a resumed run) must never find a half-written checkpoint, label map or weights
 file: everything is written to a temporary file in the destination folder and renamed over the

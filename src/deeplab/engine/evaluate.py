@@ -28,8 +28,8 @@ from deeplab.engine.inference import (
     prepare_model,
 )
 from deeplab.engine.metrics import ConfusionMatrix, metrics_from_matrix
-from deeplab.models.inference import resolve_precision
 from deeplab.fileio import atomic_open
+from deeplab.models.inference import resolve_precision
 
 __all__ = ["evaluate", "save_probs_npy", "probs_path", "crf_grid_search", "refine_grid"]
 
@@ -150,9 +150,10 @@ def evaluate(
 
     Returns:
         The metrics of :func:`deeplab.engine.metrics.metrics_from_matrix` plus ``num_images``,
-        ``seconds``, ``images_per_s``, ``precision`` (the one that ran), ``per_image`` (list of ``{"id", "miou", "pixel_acc"}``)
-        and, with ``keep_examples``, ``examples``: ``{"best": [...], "worst": [...]}`` of
-        ``{"index", "id", "miou", "pred"}`` (pred a uint8 (H,W) array).
+        ``seconds``, ``images_per_s``, ``precision`` (the one that ran), ``per_image`` (list of
+        ``{"id", "miou", "pixel_acc"}``) and, with ``keep_examples``, ``examples``:
+        ``{"best": [...], "worst": [...]}`` of ``{"index", "id", "miou", "pred"}`` (pred a uint8
+        (H,W) array).
     """
     num_classes = int(dataset.num_classes)
     ignore = int(getattr(dataset, "ignore_index", 255))

@@ -9,8 +9,9 @@ upsampled bilinearly to the image size before the argmax (or the CRF). Choices m
   exact stride-8 grid; for other sizes it is within a stride of it, as is PyTorch's
   ``align_corners=False`` (kazuto1011/deeplab-pytorch's choice) with an offset of half a stride.
 - **Softmax in fp32**: the network may run in bf16 (``precision="auto"``, the default, picks it
-  where it is native: about 3x faster on CPUs with AVX512-BF16; fp32 on AVX2 CPUs) but logits are cast to fp32 before upsampling and softmax,
-  so the probabilities handed to the CRF are not quantised to bf16's 8 bits.
+  where it is native: about 3x faster on CPUs with AVX512-BF16; fp32 on AVX2 CPUs) but logits
+  are cast to fp32 before upsampling and softmax, so the probabilities handed to the CRF are
+  not quantised to bf16's 8 bits.
 - **MSC**: exactly :class:`deeplab.models.DeepLabMSC`'s fusion: the input resized to Caffe's
   ``floor((H-1)*s)+1`` (bilinear, corners aligned), every output resized to the scale-1 logits'
   size and fused by a pixel-wise max. A model already built with ``msc_scales`` fuses by
@@ -34,6 +35,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
