@@ -4,7 +4,7 @@ Each variant runs `deeplab.engine.evaluate.evaluate` in its own subprocess (so t
 memory, ru_maxrss, is its own) over the first --limit val images at full resolution (480x360):
 
 1. baseline ``fp32``: the network in float32;
-2. ``auto``, the project's default: bf16 where the CPU computes it natively (AVX-512 / AMX),
+2. ``auto``, the project's default: bf16 where the CPU computes it natively (AVX512_BF16 / AMX),
    else fp32 (the output says which ran);
 3. ``bf16``: bfloat16 weights (softmax still fp32), even where oneDNN emulates it (AVX2);
 4. ``auto+crf``: the default plus the dense CRF (DenseCRF's default parameters), on the first

@@ -7,7 +7,7 @@ largest logit difference relative to the largest fp32 logit, and the peak RSS.
 Variants:
   fp32       plain eager model in fp32 under torch.no_grad (the baseline)
   fast       deeplab.models.optimize_for_inference(model), the default: precision "auto" (bf16
-             weights where the CPU computes bf16 natively, AVX-512 / AMX, else fp32),
+             weights where the CPU computes bf16 natively, AVX512_BF16 / AMX, else fp32),
              channels_last, folded BN; the printout says which precision ran
   fast_bf16  optimize_for_inference(model, precision="bf16"): bf16 even where it is emulated
   fast_fp32  optimize_for_inference(model, precision="fp32"): channels_last + folded BN only

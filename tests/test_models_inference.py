@@ -185,14 +185,37 @@ def bf16_units(monkeypatch):
     inf._warn_emulated_bf16.cache_clear()
 
 
-def test_native_bf16_follows_onednn_on_this_cpu():
-    """The real probe, unpatched: oneDNN's own answer (AVX-512 / Arm bf16), never a GPU's."""
+def test_native_bf16_on_this_cpu():
+    """The real probe, unpatched: the bf16 units /proc/cpuinfo lists on x86 Linux, else oneDNN's
+    own answer; never a GPU's."""
     from deeplab.models import native_bf16, resolve_precision
 
-    expected = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        lines = []
+    flags = [line.split(":", 1)[1].split() for line in lines if line.startswith("flags")]
+    if flags:
+        expected = "avx512_bf16" in flags[0] or "amx_bf16" in flags[0]
+    else:
+        expected = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     assert native_bf16("cpu") is expected
     assert resolve_precision("auto", "cpu") == ("bf16" if expected else "fp32")
     assert native_bf16("meta") is False
+
+
+@pytest.mark.parametrize(("flags", "native"), [({"avx2", "fma"}, False), ({"avx512f", "avx512bw"}, False),
+                                               ({"avx512f", "avx512_bf16"}, True), ({"amx_tile", "amx_bf16"}, True)])
+def test_native_bf16_reads_the_x86_flags(monkeypatch, flags, native):
+    """AVX-512 alone is not enough: oneDNN runs bf16 there, but emulated."""
+    import deeplab.models.inference as inf
+
+    monkeypatch.setattr(inf, "_x86_cpu_flags", lambda: flags)
+    inf._native_bf16.cache_clear()
+    try:
+        assert inf.native_bf16("cpu") is native
+    finally:
+        inf._native_bf16.cache_clear()
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -77,7 +77,7 @@ def add_input_scale_argument(parser: argparse.ArgumentParser) -> None:
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     """``--precision``, shared by segment, eval and crf-search."""
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="network precision; auto: bf16 where the device computes it natively (AVX-512 / AMX "
+                        help="network precision; auto: bf16 where the device computes it natively (AVX512_BF16 / AMX "
                              "CPUs, Ampere+ GPUs), else fp32 (softmax is always fp32)")
 
 

@@ -163,8 +163,8 @@ class TrainConfig:
     Args:
         model / data / solver: the sections above.
         precision: ``auto`` (bf16 where the device computes it natively: GPUs from Ampere on,
-            CPUs with AVX-512 or AMX; else fp32), ``bf16`` (autocast on CPU and CUDA; the loss
-            in fp32) or ``fp32``.
+            x86 CPUs with AVX512_BF16 or AMX; else fp32), ``bf16`` (autocast on CPU and CUDA;
+            the loss in fp32) or ``fp32``.
         channels_last: NHWC memory format (faster convolutions with bf16 on CPUs and GPUs).
         init_weights: a ``.safetensors`` file to start from (e.g. ``deeplab convert init.caffemodel``);
             tensors whose name or shape do not match (a classifier with another class count)
