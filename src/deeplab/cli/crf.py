@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from deeplab.cli.segment import check_writable
+    from deeplab.cli.segment import check_writable, overwritten_input
     from deeplab.crf import DenseCRF
 
     for name in ("images", "probs"):
@@ -226,12 +226,10 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     inputs = {p.resolve(): p for p in args.images.iterdir()}
-    for sid, _, _ in pairs:
-        hit = inputs.get((args.out / f"{sid}.png").resolve())
-        if hit is not None:
-            print(f"error: --out {args.out} would overwrite input {hit}: choose another --out",
-                  file=sys.stderr)
-            return 2
+    hit = overwritten_input(args.out, inputs, [f"{sid}.png" for sid, _, _ in pairs])
+    if hit is not None:
+        print(f"error: --out {args.out} would overwrite input {hit}: choose another --out", file=sys.stderr)
+        return 2
     reason = check_writable(args.out)
     if reason:
         print(f"error: {reason}", file=sys.stderr)

@@ -77,17 +77,14 @@ def run(args: argparse.Namespace) -> int:
 
     from deeplab.cli.segment import check_output_file
     from deeplab.weights import export_onnx
-    from deeplab.weights.onnx_export import supported_opsets
+    from deeplab.weights.onnx_export import check_opset
 
     try:
         if args.out.suffix.lower() != ".onnx":
             raise ValueError(f"--out {args.out} must end with .onnx")
         if args.height < 1 or args.width < 1:
             raise ValueError(f"--height and --width must be positive, got {args.height} and {args.width}")
-        opsets = supported_opsets()
-        if args.opset not in opsets:
-            raise ValueError(f"--opset {args.opset} is not supported by this torch's ONNX exporter: use "
-                             f"{opsets[0]} to {opsets[-1]} (17 is the default)")
+        check_opset(args.opset, "--opset")  # before the weights are loaded
         reason = check_output_file(args.out)
         if reason:
             raise ValueError(f"--out: {reason}")

@@ -151,13 +151,21 @@ def check_writable(out: Path) -> str | None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         return f"cannot create the folder {out}: {e.strerror or e}"
-    if not out.is_dir():
-        return f"output path {out} exists and is not a folder"
     try:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".deeplab-write-test-"):
             pass
     except OSError as e:
         return f"output folder {out} is not writable ({e.strerror or e}): choose another --out"
+    return None
+
+
+def overwritten_input(out: Path, inputs: dict[Path, Path], names: list[str]) -> Path | None:
+    """The input that writing ``names`` into ``out`` would replace, if any (``inputs``: each
+    input file by its resolved path)."""
+    for name in names:
+        hit = inputs.get((out / name).resolve())
+        if hit is not None:
+            return hit
     return None
 
 
@@ -210,11 +218,10 @@ def run(args: argparse.Namespace) -> int:
     stems = _unique_stems(paths)
     inputs = {p.resolve(): p for p in paths}
     for path, stem in zip(paths, stems):
-        for name in _output_names(stem, args.save_probs):
-            hit = inputs.get((args.out / name).resolve())
-            if hit is not None:
-                source = "" if hit == path else f" with the output for {path}"
-                return _error(f"--out {args.out} would overwrite input {hit}{source}: choose another --out")
+        hit = overwritten_input(args.out, inputs, _output_names(stem, args.save_probs))
+        if hit is not None:
+            source = "" if hit == path else f" with the output for {path}"
+            return _error(f"--out {args.out} would overwrite input {hit}{source}: choose another --out")
     reason = check_writable(args.out)
     if reason:
         return _error(reason)

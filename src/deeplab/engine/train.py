@@ -568,23 +568,23 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
 
     weight = None
     if d.class_weights is not None:
-        if isinstance(d.class_weights, str):  # a name in CLASS_WEIGHTINGS (checked by the config)
-            cache = out / "class_weights.json"
-            cached = json.loads(cache.read_text()) if cache.is_file() else {}
-            # Files written before "kind" existed hold median-frequency weights.
-            if cached and cached.get("kind", "median_freq") == d.class_weights:
-                weights_list = cached["weights"]
-            else:
-                log(f"computing {d.class_weights} class weights from the training masks ...")
-                weights_list = CLASS_WEIGHTINGS[d.class_weights](class_frequencies(train_ds)).tolist()
-                if main:
-                    text = json.dumps({"kind": d.class_weights, "weights": weights_list}, indent=1)
-                    ckpt.atomic_write(cache, lambda p: p.write_text(text))
+        # The record later steps read (package_default_model.py, logit_adjustment.py), and the
+        # cache of named weights, which cost a pass over the training masks.
+        record = out / "class_weights.json"
+        kind = d.class_weights if isinstance(d.class_weights, str) else "list"  # a name checked by the config
+        cached = json.loads(record.read_text()) if kind != "list" and record.is_file() else {}
+        # Files written before "kind" existed hold median-frequency weights.
+        if cached and cached.get("kind", "median_freq") == kind:
+            weights_list = cached["weights"]
         else:
-            weights_list = list(d.class_weights)
-            if main:  # the record later steps read (package_default_model.py, logit_adjustment.py)
-                text = json.dumps({"kind": "list", "weights": weights_list}, indent=1)
-                ckpt.atomic_write(out / "class_weights.json", lambda p: p.write_text(text))
+            if kind == "list":
+                weights_list = list(d.class_weights)
+            else:
+                log(f"computing {kind} class weights from the training masks ...")
+                weights_list = CLASS_WEIGHTINGS[kind](class_frequencies(train_ds)).tolist()
+            if main:
+                text = json.dumps({"kind": kind, "weights": weights_list}, indent=1)
+                ckpt.atomic_write(record, lambda p: p.write_text(text))
         if len(weights_list) != num_classes:
             raise TrainingError(f"data.class_weights has {len(weights_list)} values for {num_classes} classes")
         weight = torch.tensor(weights_list, dtype=torch.float32, device=device)

@@ -23,7 +23,7 @@ from torch import nn
 
 from deeplab.fileio import atomic_path
 
-__all__ = ["export_onnx", "supported_opsets"]
+__all__ = ["check_opset", "export_onnx", "supported_opsets"]
 
 
 def supported_opsets() -> range:
@@ -35,6 +35,15 @@ def supported_opsets() -> range:
         return range(_constants.ONNX_MIN_OPSET, _constants.ONNX_MAX_OPSET + 1)
     except (ImportError, AttributeError):
         return range(7, 21)
+
+
+def check_opset(opset: int, name: str = "opset") -> None:
+    """ValueError naming the working range if torch's exporter lacks ``opset`` (``name``: how
+    the caller calls it, e.g. ``--opset``)."""
+    opsets = supported_opsets()
+    if opset not in opsets:
+        raise ValueError(f"{name} {opset} is not supported by this torch's ONNX exporter: use {opsets[0]} to "
+                         f"{opsets[-1]} (17 is the default)")
 
 
 def export_onnx(
@@ -65,10 +74,7 @@ def export_onnx(
 
     if height < 1 or width < 1:
         raise ValueError(f"export size must be positive, got {height}x{width}")
-    opsets = supported_opsets()
-    if opset not in opsets:
-        raise ValueError(f"opset {opset} is not supported by this torch's ONNX exporter: use {opsets[0]} to "
-                         f"{opsets[-1]} (17 is the default)")
+    check_opset(opset)
     if getattr(model, "msc_scales", None):
         raise ValueError(
             "export the single-scale network: build it without msc_scales (multi-scale fusion "
