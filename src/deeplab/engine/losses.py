@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cross_entropy_sum", "lovasz_softmax", "msc_cross_entropy", "resize_labels", "valid_weight"]
+__all__ = ["LOVASZ_BINS", "cross_entropy_sum", "lovasz_softmax", "msc_cross_entropy", "resize_labels", "valid_weight"]
 
 
 def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -138,7 +138,12 @@ def msc_cross_entropy(
     return total
 
 
-def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = 255) -> torch.Tensor:
+#: ``lovasz_softmax``'s default bucket count: its value lies within 1/65536 of the exact loss.
+LOVASZ_BINS = 1 << 16
+
+
+def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = 255,
+                   bins: int | None = LOVASZ_BINS) -> torch.Tensor:
     """The Lovasz-softmax loss (Berman et al. 2018): mean over present classes of the Lovasz
     extension of the Jaccard loss ``1 - IoU_c``, applied to the errors ``|[y = c] - p_c|``.
 
@@ -147,10 +152,19 @@ def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     between it is the piecewise-linear interpolation of that set function, so it is convex in
     the errors and has a gradient everywhere but at ties.
 
+    The exact loss (``bins=None``) sorts each class's errors; at a training batch (8 crops of
+    321x321, 11 classes) that sort is most of the step's loss cost on a CPU. ``bins=K``
+    instead buckets the errors, which lie in [0, 1], into K equal intervals and counts
+    foreground and background pixels per bucket (linear time, no sort): the Jaccard loss is
+    exact at every bucket boundary, each pixel's gradient is its bucket's mean increment, and
+    since a class's increments are non-negative and sum to at most 1, the value lies within
+    ``1 / K`` of the exact loss. Buckets holding one pixel each give the exact gradient too.
+
     Args:
         logits: (B, C, h, w) at any precision (computed in fp32, or in float64 if given).
         labels: (B, H, W) labels, resized to (h, w) by nearest neighbour if needed.
         ignore_index: label that does not count.
+        bins: bucket count (see above), or None to sort.
 
     Returns:
         A scalar tensor: the mean over the classes that occur among the valid labels of the
@@ -167,8 +181,14 @@ def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     present = fg.any(1)
     if not bool(present.any()):
         return logits.to(dtype).sum() * 0.0  # keeps the graph: backward() still works
-    probs, fg = probs[present], fg[present].to(dtype)
-    errors = (fg - probs).abs()
+    probs, fg = probs[present], fg[present]
+    errors = (fg.to(dtype) - probs).abs()
+    if bins is None:
+        return _lovasz_sorted(errors, fg.to(dtype))
+    return _lovasz_binned(errors, fg, bins)
+
+
+def _lovasz_sorted(errors: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
     # Sorting detaches the order, not the values: the loss is linear in the sorted errors with
     # the Jaccard loss's increments along that order as coefficients.
     errors_sorted, order = torch.sort(errors, dim=1, descending=True)
@@ -179,3 +199,28 @@ def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     jaccard = 1.0 - intersection / union  # the Jaccard loss of the first k errors, k = 1..P
     increments = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
     return (errors_sorted * increments).sum(1).mean()
+
+
+def _lovasz_binned(errors: torch.Tensor, fg: torch.Tensor, bins: int) -> torch.Tensor:
+    num_classes = errors.shape[0]
+    # Bucket 0 holds the largest errors, so cumulative counts follow the descending order; one
+    # key per (class, bucket, foreground?) lets one bincount and one gather do all the work.
+    bucket = bins - 1 - (errors.detach() * bins).long().clamp_(0, bins - 1)
+    key = (bucket + torch.arange(num_classes, device=errors.device)[:, None] * bins) * 2 + fg
+    counts = torch.bincount(key.reshape(-1), minlength=num_classes * bins * 2).view(num_classes, bins, 2)
+    # Counts reach B*H*W; float64 keeps the Jaccard differences exact enough.
+    n_bg, n_fg = counts.double().unbind(-1)
+    seen_fg, seen_bg = n_fg.cumsum(1), n_bg.cumsum(1)
+    gts = seen_fg[:, -1:]
+    jaccard = 1.0 - (gts - seen_fg) / (gts + seen_bg)  # after each bucket
+    increments = torch.diff(jaccard, dim=1, prepend=torch.zeros_like(gts))
+    # A bucket's increment split between its foreground and background pixels as the Jaccard
+    # loss's partial derivatives at the bucket's midpoint weigh them (a foreground error adds
+    # 1 / union, a background one intersection / union^2): one mean for both would blur the
+    # gradient, as the two differ by the factor intersection / union.
+    mid_fg, mid_bg = seen_fg - n_fg / 2, seen_bg - n_bg / 2
+    share_fg = n_fg / (gts + mid_bg)
+    share_bg = n_bg * (gts - mid_fg) / (gts + mid_bg) ** 2
+    scale = increments / (share_fg + share_bg).clamp(min=1e-300)
+    per_pixel = torch.stack([share_bg * scale / n_bg.clamp(min=1), share_fg * scale / n_fg.clamp(min=1)], -1)
+    return (errors * per_pixel.to(errors.dtype).reshape(-1)[key]).sum(1).mean()
