@@ -156,9 +156,10 @@ def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     321x321, 11 classes) that sort is most of the step's loss cost on a CPU. ``bins=K``
     instead buckets the errors, which lie in [0, 1], into K equal intervals and counts
     foreground and background pixels per bucket (linear time, no sort): the Jaccard loss is
-    exact at every bucket boundary, each pixel's gradient is its bucket's mean increment, and
-    since a class's increments are non-negative and sum to at most 1, the value lies within
-    ``1 / K`` of the exact loss. Buckets holding one pixel each give the exact gradient too.
+    exact at every bucket boundary, each pixel's gradient is its share of its bucket's
+    increment, and since a class's increments are non-negative and sum to at most 1, the
+    value lies within ``1 / K`` of the exact loss. Buckets holding one pixel each give the
+    exact gradient too.
 
     Args:
         logits: (B, C, h, w) at any precision (computed in fp32, or in float64 if given).
