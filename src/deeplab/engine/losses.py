@@ -183,9 +183,10 @@ def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
     if not bool(present.any()):
         return logits.to(dtype).sum() * 0.0  # keeps the graph: backward() still works
     probs, fg = probs[present], fg[present]
-    errors = (fg.to(dtype) - probs).abs()
+    fg_float = fg.to(dtype)
+    errors = (fg_float - probs).abs()
     if bins is None:
-        return _lovasz_sorted(errors, fg.to(dtype))
+        return _lovasz_sorted(errors, fg_float)
     return _lovasz_binned(errors, fg, bins)
 
 
