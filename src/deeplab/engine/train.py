@@ -591,8 +591,10 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
         log("class weights: " + ", ".join(f"{w:.3g}" for w in weights_list))
 
     # ---- model -----------------------------------------------------------------------------
-    if cfg.precision == "auto":  # the one that runs, for the log: "auto" differs between machines
-        log(f"precision: auto -> {resolve_precision('auto', device)} on this {device.type}")
+    # Resolved once, for every step and validation; "auto" differs between machines, so the log says.
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.precision == "auto":
+        log(f"precision: auto -> {precision} on this {device.type}")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
@@ -711,7 +713,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
 
         was_training = core.training
         try:
-            metrics = evaluate(core, val_ds, normalization=d.normalization, precision=cfg.precision,
+            metrics = evaluate(core, val_ds, normalization=d.normalization, precision=precision,
                                limit=d.val_max_images, device=device, optimize=True, num_workers=0)
         except ValueError as e:  # BadSampleError / ImageReadError, naming the file
             raise TrainingError(f"validation data: {e}{skip_hint}") from None
@@ -737,7 +739,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                 raise TrainingError(f"training data: {e}{skip_hint}") from None
             micro = [(img.to(device, non_blocking=True).contiguous(memory_format=memory_format),
                       lab.to(device, non_blocking=True)) for img, lab in micro]
-            loss_sum = train_step(model, optimizer, micro, precision=cfg.precision,
+            loss_sum = train_step(model, optimizer, micro, precision=precision,
                                   ignore_index=d.ignore_index, class_weights=weight,
                                   loss_resolution=s.loss_resolution, lovasz_weight=s.lovasz_weight,
                                   step=False)
