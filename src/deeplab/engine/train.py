@@ -49,6 +49,7 @@ from deeplab.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanu
 from deeplab.engine.losses import lovasz_softmax, msc_cross_entropy, valid_weight
 from deeplab.engine.lr_schedule import PolyLR
 from deeplab.models.inference import resolve_precision
+from deeplab.weights.loading import WeightsMismatchError, apply_state_dict
 
 __all__ = [
     "TrainingDiverged",
@@ -255,47 +256,17 @@ def _load_init_weights(model: nn.Module, path: Path, log) -> None:
         loaded = ckpt.load_state_dict_file(path)
     except ckpt.CheckpointError as e:
         raise TrainingError(str(e)) from None
-    own = model.state_dict()
-    take, wrong_shape = {}, []
-    for k, v in loaded.items():
-        if k in own:
-            if tuple(own[k].shape) == tuple(v.shape):
-                take[k] = v
-            else:
-                wrong_shape.append(k)
-    if not take:
-        raise TrainingError(
-            f"init_weights {path}: none of its {len(loaded)} tensors matches the model's names "
-            f"(e.g. {next(iter(loaded), '-')!r} vs {next(iter(own), '-')!r}); is it for another model?"
-        )
-    missing = [k for k in own if k not in take]
-    model.load_state_dict(take, strict=False)
-    msg = f"init_weights: {len(take)} tensors loaded from {path}"
-    if wrong_shape:
-        msg += f"; {len(wrong_shape)} skipped for their shape ({', '.join(wrong_shape[:4])})"
-    if missing:
-        msg += f"; {len(missing)} left at their initialisation ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})"
+    try:
+        result = apply_state_dict(model, loaded, source=str(path), strict=False)
+    except WeightsMismatchError as e:  # not one tensor fits: another model altogether
+        raise TrainingError(f"init_weights: {e}") from None
+    msg = f"init_weights: {len(model.state_dict()) - len(result.missing)} tensors loaded from {path}"
+    if result.skipped_shape:
+        msg += f"; {len(result.skipped_shape)} skipped for their shape ({', '.join(result.skipped_shape[:4])})"
+    if result.missing:
+        more = " ..." if len(result.missing) > 4 else ""
+        msg += f"; {len(result.missing)} left at their initialisation ({', '.join(result.missing[:4])}{more})"
     log(msg)
-
-
-def _state_dict_misfit(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> str:
-    """'' if ``loaded`` fits ``own`` name for name and shape, else a short summary (a few names and
-    counts: torch's own message lists every key, hundreds for another backbone)."""
-
-    def some(names: list[str]) -> str:
-        return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
-
-    missing = [k for k in own if k not in loaded]
-    unexpected = [k for k in loaded if k not in own]
-    shapes = [k for k in own if k in loaded and tuple(own[k].shape) != tuple(loaded[k].shape)]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} tensor(s) missing ({some(missing)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected ({some(unexpected)})")
-    if shapes:
-        parts.append(f"{len(shapes)} of another shape ({some(shapes)})")
-    return ", ".join(parts)
 
 
 def _weights_metadata(cfg: TrainConfig, dataset: Any, num_classes: int, iteration: int) -> dict[str, Any]:
@@ -633,14 +604,14 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
             state, model_state = ckpt.load_training_state(resume_from)
         except ckpt.CheckpointError as e:
             raise TrainingError(str(e)) from None
-        misfit = _state_dict_misfit(core.state_dict(), model_state)
-        if misfit:
+        try:
+            apply_state_dict(core, model_state, source=resume_from.name, layout="checkpoint")
+        except WeightsMismatchError as e:
             raise TrainingError(
                 f"checkpoint {resume_from} (model {state.get('model', '?')!r}) does not fit model {m.name!r} "
-                f"of this config: {misfit}; resume with the config the run was started with "
+                f"of this config: {e}; resume with the config the run was started with "
                 f"({resume_from.parent.parent / 'config.yaml'}) or start a new run in another --out"
-            )
-        core.load_state_dict(model_state, strict=True)
+            ) from None
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["iteration"])
         best = dict(state.get("best", best))
