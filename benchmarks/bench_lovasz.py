@@ -48,9 +48,7 @@ def _measure_step(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.SGD(build_param_groups(model, weight_decay=5e-4), lr=1e-3, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.crop, args.crop, generator=gen) * 50
-    labels = torch.randint(0, args.classes, (args.batch_size, args.crop, args.crop), generator=gen)
-    labels[:, :20] = 255
-    micro = [(images.to(args.device).contiguous(memory_format=torch.channels_last), labels.to(args.device))]
+    micro = [(images.to(args.device).contiguous(memory_format=torch.channels_last), _labels(args, gen))]
     weight = 0.0 if args.variant == "none" else 1.0
 
     def step() -> None:
@@ -59,13 +57,34 @@ def _measure_step(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     step()
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"seconds": min(times), "peak_extra_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
+    return _with_peaks(args, {"seconds": min(times)}, before)
+
+
+def _labels(args: argparse.Namespace, gen):
+    """Random labels with a band of 255, the padding the crops get."""
+    import torch
+
+    labels = torch.randint(0, args.classes, (args.batch_size, args.crop, args.crop), generator=gen)
+    labels[:, :20] = 255
+    return labels.to(args.device)
+
+
+def _with_peaks(args: argparse.Namespace, out: dict, rss_before: int) -> dict:
+    """Add the peak extra RSS since ``rss_before`` and, on CUDA, the peak allocated memory."""
+    import torch
+
+    out["peak_extra_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    if args.device == "cuda":
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def _measure(args: argparse.Namespace) -> dict:
@@ -79,9 +98,7 @@ def _measure(args: argparse.Namespace) -> dict:
         return _measure_step(args)
     gen = torch.Generator().manual_seed(0)
     logits = (2 * torch.randn(args.batch_size, args.classes, args.crop, args.crop, generator=gen)).to(args.device)
-    labels = torch.randint(0, args.classes, (args.batch_size, args.crop, args.crop), generator=gen)
-    labels[:, :20] = 255  # padding, as the crops get it
-    labels = labels.to(args.device)
+    labels = _labels(args, gen)
     bins = None if args.variant == "sort" else LOVASZ_BINS
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.device == "cuda":
@@ -96,11 +113,7 @@ def _measure(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         value = float(loss.detach())
-    out = {"seconds": min(times), "value": value,
-           "peak_extra_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
-    if args.device == "cuda":
-        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
+    return _with_peaks(args, {"seconds": min(times), "value": value}, before)
 
 
 def main() -> int:

@@ -282,6 +282,8 @@ def test_classifierless_init_caffemodel_needs_partial_load(tmp_path, fake_resnet
         load_weights(model, path, strict=True)
     result = load_weights(model, path, strict=False)
     assert any(k.startswith("aspp.branches.0") for k in result.missing)
+    weights = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    assert result.loaded == len(weights) - len(result.missing)
     torch.testing.assert_close(model.aspp.branches[0].weight, before)
     np.testing.assert_array_equal(model.backbone.layer3[22].conv3.weight.detach().numpy(),
                                   expected["backbone.layer3.22.conv3.weight"])

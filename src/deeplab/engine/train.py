@@ -260,8 +260,7 @@ def _load_init_weights(model: nn.Module, path: Path, log) -> None:
         result = apply_state_dict(model, loaded, source=str(path), strict=False)
     except WeightsMismatchError as e:  # not one tensor fits: another model altogether
         raise TrainingError(f"init_weights: {e}") from None
-    loaded_count = len(model.state_dict()) - len(result.missing) - len(result.skipped_shape)
-    msg = f"init_weights: {loaded_count} tensors loaded from {path}"
+    msg = f"init_weights: {result.loaded} tensors loaded from {path}"
     if result.skipped_shape:
         msg += f"; {len(result.skipped_shape)} skipped for their shape ({', '.join(result.skipped_shape[:4])})"
     if result.missing:

@@ -40,13 +40,15 @@ _SHOW = 5  # how many keys of each kind an error names
 @dataclass
 class LoadResult:
     """What ``load_weights`` did: keys the file lacked, keys it had that the model does not,
-    the file's metadata (safetensors only) and its detected layout."""
+    how many tensors it copied (BN batch counters not counted), the file's metadata
+    (safetensors only) and its detected layout."""
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     skipped_shape: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     layout: str = "deeplab"
+    loaded: int = 0
 
 
 def weights_format(path: str | os.PathLike[str]) -> str:
@@ -233,6 +235,7 @@ def apply_state_dict(
         unexpected=unexpected,
         skipped_shape=[s.split(":")[0] for s in shapes],
         layout=layout,
+        loaded=len(loaded),
     )
 
 
