@@ -18,6 +18,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("deeplab.cli.train", "train a model from a YAML config (the paper's protocol)"),
     "crf": ("deeplab.cli.crf", "refine saved probabilities with the fully connected CRF"),
     "crf-search": ("deeplab.cli.crf_search", "grid-search the CRF parameters on validation images"),
+    "calibrate-bn": ("deeplab.cli.calibrate_bn", "re-estimate batch-norm statistics on whole training images"),
     "convert": ("deeplab.cli.convert", "convert Caffe / PyTorch weights to the project's safetensors"),
     "export": ("deeplab.cli.export", "export a model to ONNX"),
     "models": ("deeplab.cli.models", "list the model names build_model accepts"),
