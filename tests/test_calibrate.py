@@ -165,3 +165,15 @@ def test_cli_keeps_float16_and_reports_bad_input(cli_setup, tmp_path, capsys):
     assert run_cli([*base, "--weights", str(five), "--out", str(tmp_path / "y.safetensors")]) == 2
     assert "5 classes but folder has 4" in capsys.readouterr().err
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_cli_names_a_truncated_image_and_writes_nothing(tmp_path, capsys):
+    data = write_folder_dataset(tmp_path / "data", random_dataset(n=2, sizes=((32, 40),)))
+    bad = data / "images" / "img01.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    out = tmp_path / "cal.safetensors"
+    rc = run_cli(["calibrate-bn", "--weights", str(tiny_weights(tmp_path / "w.safetensors")), "--dataset", "folder",
+                  "--data-root", str(data), "--split", "all", "--out", str(out)])
+    assert rc == 2
+    assert "img01.png" in capsys.readouterr().err
+    assert not out.exists()

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         info = recalibrate_bn(model, dataset, normalization=normalization, batch_size=args.batch_size,
                               limit=args.limit, precision=args.precision, device=device)
-    except (ValueError, FileNotFoundError) as e:  # also a bad image, named by the data set
+    except (ValueError, OSError) as e:  # also a missing or bad image, named by the data set
         return _error(str(e))
     seconds = time.perf_counter() - t0
 
