@@ -19,6 +19,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "crf": ("deeplab.cli.crf", "refine saved probabilities with the fully connected CRF"),
     "crf-search": ("deeplab.cli.crf_search", "grid-search the CRF parameters on validation images"),
     "calibrate-bn": ("deeplab.cli.calibrate_bn", "re-estimate batch-norm statistics on whole training images"),
+    "average-weights": ("deeplab.cli.average_weights", "average checkpoints of one network (SWA, model soups)"),
     "convert": ("deeplab.cli.convert", "convert Caffe / PyTorch weights to the project's safetensors"),
     "export": ("deeplab.cli.export", "export a model to ONNX"),
     "models": ("deeplab.cli.models", "list the model names build_model accepts"),
