@@ -18,10 +18,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from deeplab.cli.segment import check_output_file
+from deeplab.cli.segment import check_output_file, report_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,20 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="destination .safetensors")
 
 
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     """Average and write the weights; returns the exit status."""
     if args.out.suffix.lower() != ".safetensors":
-        return _error(f"--out {args.out} must end with .safetensors")
+        return report_error(f"--out {args.out} must end with .safetensors")
     if any(p.resolve() == args.out.resolve() for p in args.weights):
-        return _error(f"--out {args.out} is one of the inputs: write the average to a new file")
+        return report_error(f"--out {args.out} is one of the inputs: write the average to a new file")
     reason = check_output_file(args.out)
     if reason:
-        return _error(f"--out: {reason}")
+        return report_error(f"--out: {reason}")
 
     from deeplab.weights import save_state_dict
     from deeplab.weights.average import average_weight_files, has_batch_norm_statistics
@@ -51,11 +45,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         state, metadata = average_weight_files(args.weights)
     except (ValueError, OSError) as e:
-        return _error(str(e))
+        return report_error(str(e))
     try:
         save_state_dict(state, args.out, metadata)
     except OSError as e:  # disk full, permission denied: the atomic write left no partial file
-        return _error(f"cannot write {args.out}: {e.strerror or e}")
+        return report_error(f"cannot write {args.out}: {e.strerror or e}")
     print(f"averaged {len(args.weights)} files ({metadata['model']}); wrote {args.out}")
     if has_batch_norm_statistics(state):
         print("note: its batch-norm statistics are the inputs' mean: run deeplab calibrate-bn on it before use")

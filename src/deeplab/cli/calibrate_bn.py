@@ -19,11 +19,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from deeplab.cli.segment import add_precision_argument, check_output_file
+from deeplab.cli.segment import add_precision_argument, check_output_file, report_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,22 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     """Recalibrate and write the weights; returns the exit status."""
     if args.out.suffix.lower() != ".safetensors":
-        return _error(f"--out {args.out} must end with .safetensors")
+        return report_error(f"--out {args.out} must end with .safetensors")
     if args.batch_size < 1:
-        return _error(f"--batch-size must be >= 1, got {args.batch_size}")
+        return report_error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
-        return _error(f"--limit must be >= 1, got {args.limit}")
+        return report_error(f"--limit must be >= 1, got {args.limit}")
     reason = check_output_file(args.out)
     if reason:
-        return _error(f"--out: {reason}")
+        return report_error(f"--out: {reason}")
 
     import torch
 
@@ -83,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         info = recalibrate_bn(model, dataset, normalization=normalization, batch_size=args.batch_size,
                               limit=args.limit, precision=args.precision, device=device)
     except (ValueError, OSError) as e:  # also a missing or bad image, named by the data set
-        return _error(str(e))
+        return report_error(str(e))
     seconds = time.perf_counter() - t0
 
     source_half = any(t.dtype == torch.float16 for t in read_state_dict(args.weights)[0].values())
@@ -95,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         save_state_dict(state, args.out, metadata)
     except OSError as e:  # disk full, permission denied: the atomic write left no partial file
-        return _error(f"cannot write {args.out}: {e.strerror or e}")
+        return report_error(f"cannot write {args.out}: {e.strerror or e}")
     print(f"recalibrated {info['layers']} batch norms on {info['images']} {args.split} images "
           f"({info['batches']} batches, {info['precision']}) in {seconds:.1f} s; wrote {args.out}")
     return 0

@@ -20,6 +20,8 @@ import math
 import sys
 from pathlib import Path
 
+from deeplab.cli.segment import report_error
+
 
 def parse_range(text: str) -> list[float]:
     """``"3:1:6"`` (MATLAB start:step:stop) or ``"3,4.5,6"`` -> list of positive floats."""
@@ -76,11 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="write every setting's mIoU")
 
 
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _step(values: list[float]) -> float:
     if len(values) < 2:
         return values[0] / 2
@@ -122,17 +119,17 @@ class _SavedProbs:
 
 def run(args: argparse.Namespace) -> int:
     if args.limit < 1:
-        return _error(f"--limit must be >= 1, got {args.limit}")
+        return report_error(f"--limit must be >= 1, got {args.limit}")
     if args.iterations < 0:
-        return _error(f"--iterations must be >= 0, got {args.iterations}")
+        return report_error(f"--iterations must be >= 0, got {args.iterations}")
     if args.probs is not None and not args.probs.is_dir():
-        return _error(f"--probs {args.probs}: no such folder (write it with 'deeplab eval --save-probs')")
+        return report_error(f"--probs {args.probs}: no such folder (write it with 'deeplab eval --save-probs')")
     if args.json is not None:
         from deeplab.cli.segment import check_output_file
 
         reason = check_output_file(args.json)  # before the search: its results must not be lost
         if reason:
-            return _error(f"--json: {reason}")
+            return report_error(f"--json: {reason}")
 
     import numpy as np
     import torch
@@ -145,10 +142,10 @@ def run(args: argparse.Namespace) -> int:
         device = check_device(args.device)
         dataset = build_dataset(args.dataset, args.data_root, args.split)
     except (ValueError, FileNotFoundError, OSError) as e:
-        return _error(str(e))
+        return report_error(str(e))
     n = min(args.limit, len(dataset))
     if n == 0:
-        return _error(f"split {args.split!r} of {args.dataset} holds no images")
+        return report_error(f"split {args.split!r} of {args.dataset} holds no images")
 
     if args.probs is not None:
         try:
@@ -156,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             # Fail on a wrong folder before the long search.
             next(iter(_SavedProbs(dataset, args.probs, 1)))
         except (FileNotFoundError, ValueError) as e:
-            return _error(str(e))
+            return report_error(str(e))
         source = str(args.probs)
     else:
         from deeplab.engine.inference import predict_probs
@@ -166,9 +163,9 @@ def run(args: argparse.Namespace) -> int:
             bundle = load_bundle(args.weights, model_name=args.model, precision=args.precision,
                                  device=device)
         except (FileNotFoundError, ValueError) as e:
-            return _error(str(e))
+            return report_error(str(e))
         if bundle.num_classes != dataset.num_classes:
-            return _error(f"the model predicts {bundle.num_classes} classes but {args.dataset} "
+            return report_error(f"the model predicts {bundle.num_classes} classes but {args.dataset} "
                           f"has {dataset.num_classes}")
         from tqdm import tqdm
 
@@ -182,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
                                       input_scale=bundle.scale_for(args.input_scale))
                 samples.append((image, probs[0].to(torch.float16).cpu(), mask))
         except ValueError as e:  # a bad sample (size mismatch, labels out of range, unreadable file)
-            return _error(str(e))
+            return report_error(str(e))
         source = f"computed with {bundle.name} ({args.weights or 'default weights'})"
 
     fixed = dict(pos_w=args.pos_w, pos_xy_std=args.pos_xy_std, iterations=args.iterations)
@@ -207,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
                 r["round"] = "fine"
             rows += extra
     except ValueError as e:
-        return _error(str(e))
+        return report_error(str(e))
 
     # The no-CRF baseline, for comparison.
     from deeplab.engine.metrics import ConfusionMatrix

@@ -30,6 +30,7 @@ from deeplab.cli.segment import (
     check_output_file,
     check_writable,
     parse_scales,
+    report_error,
 )
 
 
@@ -97,11 +98,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
 
 
-def _error(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _json_safe(x: Any) -> Any:
     if isinstance(x, float) and math.isnan(x):
         return None
@@ -139,26 +135,26 @@ def format_table(result: dict, class_names: list[str] | tuple[str, ...]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
-        return _error(f"--limit must be >= 1, got {args.limit}")
+        return report_error(f"--limit must be >= 1, got {args.limit}")
     if args.sliding_window is not None and args.sliding_window < 16:
-        return _error(f"--sliding-window must be at least 16 pixels, got {args.sliding_window}")
+        return report_error(f"--sliding-window must be at least 16 pixels, got {args.sliding_window}")
     if not 0.0 <= args.overlap < 1.0:
-        return _error(f"--overlap must be in [0, 1), got {args.overlap}")
+        return report_error(f"--overlap must be in [0, 1), got {args.overlap}")
     try:
         crf_params = parse_crf_params(args.crf_params)
     except ValueError as e:
-        return _error(str(e))
+        return report_error(str(e))
     if crf_params and not args.crf:
-        return _error("--crf-params given without --crf: add --crf to use the CRF")
+        return report_error("--crf-params given without --crf: add --crf to use the CRF")
     for folder, flag in ((args.save_probs, "--save-probs"), (args.report, "--report")):
         if folder is not None:
             reason = check_writable(folder)
             if reason:
-                return _error(f"{flag}: {reason}")
+                return report_error(f"{flag}: {reason}")
     if args.json is not None:
         reason = check_output_file(args.json)
         if reason:
-            return _error(f"--json: {reason}")
+            return report_error(f"--json: {reason}")
 
     from deeplab.data import build_dataset
     from deeplab.engine.distributed import cleanup, init_distributed
@@ -169,15 +165,15 @@ def run(args: argparse.Namespace) -> int:
         device = check_device(args.device)
         dataset = build_dataset(args.dataset, args.data_root, args.split)
     except (ValueError, FileNotFoundError, OSError) as e:
-        return _error(str(e))
+        return report_error(str(e))
     if len(dataset) == 0:
-        return _error(f"split {args.split!r} of {args.dataset} at {args.data_root} holds no images")
+        return report_error(f"split {args.split!r} of {args.dataset} at {args.data_root} holds no images")
     try:
         bundle = load_bundle(args.weights, model_name=args.model, precision=args.precision, device=device)
     except (FileNotFoundError, ValueError) as e:
-        return _error(str(e))
+        return report_error(str(e))
     if bundle.num_classes != dataset.num_classes:
-        return _error(
+        return report_error(
             f"the model predicts {bundle.num_classes} classes but {args.dataset} has "
             f"{dataset.num_classes}: use weights trained on this data set"
         )
@@ -190,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
             crf = DenseCRF(**crf_params)
         except ValueError as e:  # a value out of range (iterations=-1, bi_xy_std=0, nan ...)
             given = ",".join(f"{k}={v}" for k, v in crf_params.items())
-            return _error(f"{e} (CRF parameters {given}): set a valid value with --crf-params")
+            return report_error(f"{e} (CRF parameters {given}): set a valid value with --crf-params")
 
     info = init_distributed(device.split(":")[0])
     if device.startswith("cuda") and info.world_size > 1:
@@ -220,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:  # a bad sample (size mismatch, labels out of range)
         cleanup()
-        return _error(str(e))
+        return report_error(str(e))
     cleanup()
     if not main:
         return 0

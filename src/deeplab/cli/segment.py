@@ -108,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay")
 
 
-def _error(msg: str) -> int:
+def report_error(msg: str) -> int:
+    """Print ``error: msg`` to stderr and return exit status 2 (every subcommand's user error)."""
     print(f"error: {msg}", file=sys.stderr)
     return 2
 
@@ -211,9 +212,9 @@ def _output_names(stem: str, save_probs: bool) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
-        return _error(f"--batch must be >= 1, got {args.batch}")
+        return report_error(f"--batch must be >= 1, got {args.batch}")
     if not 0.0 <= args.alpha <= 1.0:
-        return _error(f"--alpha must be in [0, 1], got {args.alpha}")
+        return report_error(f"--alpha must be in [0, 1], got {args.alpha}")
     paths, problems = expand_inputs(args.inputs)
     stems = _unique_stems(paths)
     inputs = {p.resolve(): p for p in paths}
@@ -221,14 +222,14 @@ def run(args: argparse.Namespace) -> int:
         hit = overwritten_input(args.out, inputs, _output_names(stem, args.save_probs))
         if hit is not None:
             source = "" if hit == path else f" with the output for {path}"
-            return _error(f"--out {args.out} would overwrite input {hit}{source}: choose another --out")
+            return report_error(f"--out {args.out} would overwrite input {hit}{source}: choose another --out")
     reason = check_writable(args.out)
     if reason:
-        return _error(reason)
+        return report_error(reason)
     if not paths:
         for msg in problems:
             print(f"error: {msg}", file=sys.stderr)
-        return _error("no input images")
+        return report_error("no input images")
 
     import numpy as np
 
@@ -242,9 +243,9 @@ def run(args: argparse.Namespace) -> int:
         bundle = load_bundle(args.weights, model_name=args.model, precision=args.precision,
                              device=args.device)
     except (FileNotFoundError, ValueError) as e:
-        return _error(str(e))
+        return report_error(str(e))
     if bundle.num_classes > 256:
-        return _error(
+        return report_error(
             f"{args.weights or 'the default model'} has {bundle.num_classes} classes but a label PNG "
             "holds at most 256 class indices: use deeplab.segment() from Python, which returns "
             "int32 labels for such models"
@@ -307,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
             process(group)
     except OSError as e:  # e.g. the disk filled up while writing
         bar.close()
-        return _error(f"writing to {args.out} failed: {e}")
+        return report_error(f"writing to {args.out} failed: {e}")
     bar.close()
     seconds = time.perf_counter() - t0
     rate = done / seconds if seconds > 0 else float("nan")
