@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-from deeplab.cli.segment import report_error
+from deeplab.cli.segment import check_output_file, report_error
 
 
 def parse_range(text: str) -> list[float]:
@@ -125,8 +125,6 @@ def run(args: argparse.Namespace) -> int:
     if args.probs is not None and not args.probs.is_dir():
         return report_error(f"--probs {args.probs}: no such folder (write it with 'deeplab eval --save-probs')")
     if args.json is not None:
-        from deeplab.cli.segment import check_output_file
-
         reason = check_output_file(args.json)  # before the search: its results must not be lost
         if reason:
             return report_error(f"--json: {reason}")
@@ -166,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
             return report_error(str(e))
         if bundle.num_classes != dataset.num_classes:
             return report_error(f"the model predicts {bundle.num_classes} classes but {args.dataset} "
-                          f"has {dataset.num_classes}")
+                                f"has {dataset.num_classes}")
         from tqdm import tqdm
 
         samples = []
