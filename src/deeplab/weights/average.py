@@ -24,6 +24,8 @@ from deeplab.weights.safetensors_io import read_safetensors
 
 __all__ = ["average_weight_files", "has_batch_norm_statistics"]
 
+_PER_FILE_KEYS = ("bn_calibration", "record")
+
 
 def has_batch_norm_statistics(state_dict: dict[str, torch.Tensor]) -> bool:
     """True if the state dict holds batch-norm running statistics (they need re-estimating)."""
@@ -36,7 +38,8 @@ def average_weight_files(paths: Sequence[str | os.PathLike[str]]) -> tuple[dict[
     Floating tensors are averaged in float64 and stored in the first file's dtype for that
     tensor (float16 files stay float16). Integer tensors (batch norm's ``num_batches_tracked``)
     are not weights: the last file's are kept. The metadata is the last file's, with
-    ``weight_average`` (the count and the file names) added.
+    ``weight_average`` (the count and the file names) added and ``bn_calibration`` and ``record``
+    (true of that file's tensors only) dropped.
 
     Args:
         paths: ``.safetensors`` files written by this project (``deeplab train``, ``convert``),
@@ -84,5 +87,8 @@ def average_weight_files(paths: Sequence[str | os.PathLike[str]]) -> tuple[dict[
                 total[key] = value.clone()
     n = len(paths)
     averaged = {k: (v / n).to(reference[k].dtype) if v.is_floating_point() else v for k, v in total.items()}
-    metadata = {**metadata, "weight_average": {"count": n, "sources": [p.name for p in paths]}}
+    # What described one input's tensors no longer holds for the mean: its recalibrated statistics
+    # and its measured figures.
+    metadata = {k: v for k, v in metadata.items() if k not in _PER_FILE_KEYS}
+    metadata["weight_average"] = {"count": n, "sources": [p.name for p in paths]}
     return averaged, metadata
