@@ -10,7 +10,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import sys
+
+from deeplab.cli.segment import report_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from deeplab.models import build_model, list_models, model_info, resolve_precision
 
     if args.num_classes < 1:
-        print(f"error: --num-classes {args.num_classes} must be a positive integer", file=sys.stderr)
-        return 2
+        return report_error(f"--num-classes {args.num_classes} must be a positive integer")
     if args.names:
         print("\n".join(list_models()))
         return 0
