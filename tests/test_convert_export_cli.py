@@ -73,7 +73,7 @@ def test_unwritable_destination_is_one_error_line(tmp_path, r18, capsys, command
             argv = ["convert", str(r18), str(dst), "--model", _R18]
         else:
             argv = ["export", "--weights", str(r18), "--out", str(dst), "--height", "33", "--width", "33"]
-        assert main(argv) == 1
+        assert main(argv) == 2
         err = _one_error_line(capsys.readouterr().err)
         assert str(dst) in err and words in err, err
     assert folder.is_dir() and not any(folder.iterdir()) and blocker.read_text() == "x"
@@ -86,7 +86,7 @@ def test_convert_write_error_is_one_error_line(tmp_path, r18, capsys, monkeypatc
 
     monkeypatch.setattr("safetensors.torch.save_file", full)
     dst = tmp_path / "x.safetensors"
-    assert main(["convert", str(r18), str(dst), "--model", _R18]) == 1
+    assert main(["convert", str(r18), str(dst), "--model", _R18]) == 2
     err = _one_error_line(capsys.readouterr().err)
     assert str(dst) in err and "No space left" in err
     assert not list(tmp_path.iterdir())
@@ -96,7 +96,7 @@ def test_convert_write_error_is_one_error_line(tmp_path, r18, capsys, monkeypatc
 def test_export_opset_out_of_range(tmp_path, r18, capsys, opset):
     """Audit A #11: an opset the exporter lacks is named with the range that works (was RuntimeError)."""
     out = tmp_path / "m.onnx"
-    assert main(["export", "--weights", str(r18), "--out", str(out), "--opset", opset]) == 1
+    assert main(["export", "--weights", str(r18), "--out", str(out), "--opset", opset]) == 2
     err = _one_error_line(capsys.readouterr().err)
     assert f"--opset {opset}" in err and "17" in err
     assert not out.exists()
@@ -106,7 +106,7 @@ def test_export_too_large_size_says_reduce(tmp_path, r18, capsys):
     """Audit A #11: a trace size no memory holds (1.2 PB of input) says to reduce --height/--width."""
     out = tmp_path / "m.onnx"
     assert main(["export", "--weights", str(r18), "--out", str(out), "--height", "10000000",
-                 "--width", "10000000"]) == 1
+                 "--width", "10000000"]) == 2
     err = _one_error_line(capsys.readouterr().err)
     assert "--height" in err and "--width" in err and "--dynamic" in err
     assert not list(tmp_path.iterdir())
@@ -116,7 +116,7 @@ def test_pth_without_metadata_names_the_cli_flags(tmp_path, r18, capsys):
     """Audit A #14: the hint is in CLI terms (`--model`, `deeplab convert ...`), not `model=...`."""
     pth = tmp_path / "m.pth"
     torch.save(build_model(_R18, num_classes=3).state_dict(), pth)
-    assert main(["export", "--weights", str(pth), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert main(["export", "--weights", str(pth), "--out", str(tmp_path / "m.onnx")]) == 2
     err = _one_error_line(capsys.readouterr().err)
     assert str(pth) in err and "--model NAME" in err and "model=" not in err
     from PIL import Image
@@ -137,6 +137,6 @@ def test_convert_class_names_not_utf8(tmp_path, r18, capsys):
     names = tmp_path / "names.txt"
     names.write_bytes(b"\xff\xfe\n")
     assert main(["convert", str(r18), str(tmp_path / "x.safetensors"), "--model", _R18,
-                 "--class-names", str(names)]) == 1
+                 "--class-names", str(names)]) == 2
     err = _one_error_line(capsys.readouterr().err)
     assert str(names) in err and "UTF-8" in err

@@ -210,7 +210,7 @@ def test_truncated_checkpoint_and_existing_run_errors(camvid_root, tmp_path, cap
     newest.write_bytes(data[: len(data) // 3])
     from deeplab.cli import main
 
-    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 1
+    assert main(["train", str(path), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "iter_0000002.pt" in err and "truncated" in err and "--resume" in err and "iter_0000001.pt" in err
     assert "Traceback" not in err
@@ -218,7 +218,7 @@ def test_truncated_checkpoint_and_existing_run_errors(camvid_root, tmp_path, cap
     with pytest.raises(TrainingError, match="--resume"):
         train(parse_config(cfg), tmp_path / "run", progress=False)
     # a bad --set key is a config error naming it
-    assert main(["train", str(path), "--out", str(tmp_path / "x"), "--set", "solver.bse_lr=1"]) == 1
+    assert main(["train", str(path), "--out", str(tmp_path / "x"), "--set", "solver.bse_lr=1"]) == 2
     assert "solver.bse_lr" in capsys.readouterr().err
 
 
@@ -322,7 +322,7 @@ def test_bad_training_sample_is_one_error_line(tmp_path, capsys, bad, workers):
 
     root = _tiny_camvid(tmp_path / "data", bad)
     cfg = _write(tmp_path, _tiny_cfg(root, **{"data.num_workers": workers}))
-    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     line = err[err.index("error:"):]
     named = root / ("trainannot" if bad == "label" else "train") / "s1.png"  # the file to fix
@@ -340,7 +340,7 @@ def test_bad_validation_sample_is_one_error_line(tmp_path, capsys):
 
     root = _tiny_camvid(_tiny_camvid(tmp_path / "data"), "size", split="val")
     cfg = _write(tmp_path, _tiny_cfg(root, **{"data.val_split": "val", "checkpoint_interval": 0}))
-    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 1
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"error: validation data: {root / 'val' / 's1.png'}: image is 72x96" in err
     assert "Traceback" not in err
@@ -357,21 +357,21 @@ def test_resume_from_a_weights_file_or_another_model_is_a_short_error(tmp_path, 
     capsys.readouterr()
     folder = run / "checkpoints"
     weights = folder / "iter_0000002.safetensors"
-    assert main(["train", str(path), "--out", str(run), "--resume", str(weights), "--no-progress"]) == 1
+    assert main(["train", str(path), "--out", str(run), "--resume", str(weights), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "is a weights file" in err and f"--resume {folder / 'iter_0000002.pt'}" in err
     assert "no earlier checkpoint" not in err
     # last.safetensors has no iter_N.pt twin: the way to reuse its weights is init_weights
-    assert main(["train", str(path), "--out", str(run), "--resume", str(run / "last.safetensors")]) == 1
+    assert main(["train", str(path), "--out", str(run), "--resume", str(run / "last.safetensors")]) == 2
     assert "init_weights:" in capsys.readouterr().err
     # a checkpoint under another name still offers the real ones
     (folder / "backup.pt").write_bytes(b"junk")
-    assert main(["train", str(path), "--out", str(run), "--resume", str(folder / "backup.pt")]) == 1
+    assert main(["train", str(path), "--out", str(run), "--resume", str(folder / "backup.pt")]) == 2
     assert "--resume " + str(folder / "iter_0000002.pt") in capsys.readouterr().err
 
     saved = (run / "config.yaml").read_text()
     other = _write(tmp_path, {**cfg, "model": {**cfg["model"], "name": "deeplab_v2_resnet34"}}, "other.yaml")
-    assert main(["train", str(other), "--out", str(run), "--resume", "--no-progress"]) == 1
+    assert main(["train", str(other), "--out", str(run), "--resume", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "does not fit model 'deeplab_v2_resnet34'" in err and "'deeplab_v2_resnet18'" in err
     assert "missing key(s)" in err and len(err) < 1000, err  # a few names and a count, not hundreds

@@ -321,7 +321,7 @@ def test_convert_cli_end_to_end(tmp_path, small, capsys):
 
     # Wrong model: exit status 1 and an error naming keys, no traceback, no output file.
     dst2 = tmp_path / "wrong.safetensors"
-    assert _cli("deeplab.cli.convert", [str(src), str(dst2), "--model", "deeplab_v2_resnet34"]) == 1
+    assert _cli("deeplab.cli.convert", [str(src), str(dst2), "--model", "deeplab_v2_resnet34"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "backbone.layer1.2.conv1.weight" in err and "Traceback" not in err
     assert not dst2.exists()
@@ -447,7 +447,7 @@ def test_convert_cli_from_caffemodel(tmp_path, capsys):
     assert meta["num_classes"] == 4 and meta["normalization"]["mode"] == "caffe_bgr"
     # Truncated source: a clear error naming the file.
     src.write_bytes(src.read_bytes()[:1000])
-    assert _cli("deeplab.cli.convert", [str(src), str(dst), "--model", "deeplab_v1_largefov_vgg16"]) == 1
+    assert _cli("deeplab.cli.convert", [str(src), str(dst), "--model", "deeplab_v1_largefov_vgg16"]) == 2
     assert "train_iter_6000.caffemodel" in capsys.readouterr().err
 
 

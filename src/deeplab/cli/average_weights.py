@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deeplab.cli.segment import check_output_file, report_error
+from deeplab.cli.common import check_output_file, report_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,11 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Average and write the weights; returns the exit status."""
-    if args.out.suffix.lower() != ".safetensors":
-        return report_error(f"--out {args.out} must end with .safetensors")
     if any(p.resolve() == args.out.resolve() for p in args.weights):
         return report_error(f"--out {args.out} is one of the inputs: write the average to a new file")
-    reason = check_output_file(args.out)
+    reason = check_output_file(args.out, ".safetensors")
     if reason:
         return report_error(f"--out: {reason}")
 

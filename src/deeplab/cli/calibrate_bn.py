@@ -22,7 +22,7 @@ import argparse
 import time
 from pathlib import Path
 
-from deeplab.cli.segment import add_precision_argument, check_output_file, report_error
+from deeplab.cli.common import add_precision_argument, check_output_file, report_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,13 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Recalibrate and write the weights; returns the exit status."""
-    if args.out.suffix.lower() != ".safetensors":
-        return report_error(f"--out {args.out} must end with .safetensors")
     if args.batch_size < 1:
         return report_error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         return report_error(f"--limit must be >= 1, got {args.limit}")
-    reason = check_output_file(args.out)
+    reason = check_output_file(args.out, ".safetensors")
     if reason:
         return report_error(f"--out: {reason}")
 

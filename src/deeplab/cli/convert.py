@@ -17,8 +17,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from deeplab.cli.common import check_output_file, report_error
 
 # Metadata that holds one entry per class (logit_adjustment: scripts/package_default_model.py).
 _PER_CLASS_KEYS = ("class_names", "palette", "logit_adjustment")
@@ -77,13 +78,9 @@ def _convert(args: argparse.Namespace) -> int:
     src: Path = args.src
     if not src.is_file():
         raise FileNotFoundError(f"source weights not found: {src}")
-    if args.dst.suffix.lower() != ".safetensors":
-        raise ValueError(f"destination {args.dst} must end with .safetensors")
     if args.num_classes is not None and args.num_classes < 1:
         raise ValueError(f"--num-classes {args.num_classes} must be a positive integer")
-    from deeplab.cli.segment import check_output_file
-
-    reason = check_output_file(args.dst)
+    reason = check_output_file(args.dst, ".safetensors")
     if reason:
         raise ValueError(f"destination: {reason}")
     fmt = weights_format(src)
@@ -146,8 +143,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _convert(args)
     except (ValueError, FileNotFoundError) as e:  # CaffeModelError / WeightsMismatchError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(str(e))
     except OSError as e:  # writing: permission denied, disk full ...
-        print(f"error: cannot write {args.dst}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        return report_error(f"cannot write {args.dst}: {e.strerror or e}")

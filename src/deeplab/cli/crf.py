@@ -25,6 +25,8 @@ import os
 import sys
 from pathlib import Path
 
+from deeplab.cli.common import check_writable, overwritten_input, report_error
+
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 
@@ -201,39 +203,31 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from deeplab.cli.segment import check_writable, overwritten_input
     from deeplab.crf import DenseCRF
 
     for name in ("images", "probs"):
         folder = getattr(args, name)
         if not folder.is_dir():
-            print(f"error: --{name} {folder} is not a folder", file=sys.stderr)
-            return 2
+            return report_error(f"--{name} {folder} is not a folder")
     try:
         crf_kwargs = _crf_kwargs(args)
         DenseCRF(**crf_kwargs)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(str(exc))
     cores = os.cpu_count() or 1
     workers = cores if args.workers is None else args.workers
     if workers < 1:
-        print(f"error: --workers must be >= 1, got {workers}", file=sys.stderr)
-        return 2
+        return report_error(f"--workers must be >= 1, got {workers}")
     pairs, failures = _find_pairs(args.images, args.probs)
     if not pairs:
-        print(f"error: no image in {args.images} has probabilities in {args.probs} (<id>.npy or <id>.npz)",
-              file=sys.stderr)
-        return 2
+        return report_error(f"no image in {args.images} has probabilities in {args.probs} (<id>.npy or <id>.npz)")
     inputs = {p.resolve(): p for p in args.images.iterdir()}
     hit = overwritten_input(args.out, inputs, [f"{sid}.png" for sid, _, _ in pairs])
     if hit is not None:
-        print(f"error: --out {args.out} would overwrite input {hit}: choose another --out", file=sys.stderr)
-        return 2
+        return report_error(f"--out {args.out} would overwrite input {hit}: choose another --out")
     reason = check_writable(args.out)
     if reason:
-        print(f"error: {reason}", file=sys.stderr)
-        return 2
+        return report_error(reason)
     jobs = [
         (sid, image, probs, args.out / f"{sid}.png", args.logits, args.palette)
         for sid, image, probs in pairs
@@ -244,14 +238,12 @@ def run(args: argparse.Namespace) -> int:
         if device.type != "cpu":
             torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as exc:
-        print(f"error: --device {args.device} is not usable here: {exc}", file=sys.stderr)
-        return 2
+        return report_error(f"--device {args.device} is not usable here: {exc}")
     if device.type != "cpu":
         workers = 1  # one process owns the GPU
     batch = args.batch if args.batch is not None else (16 if device.type != "cpu" else 1)
     if batch < 1:
-        print(f"error: --batch must be >= 1, got {batch}", file=sys.stderr)
-        return 2
+        return report_error(f"--batch must be >= 1, got {batch}")
     chunks = [jobs[i:i + batch] for i in range(0, len(jobs), batch)]
     workers = min(workers, max(1, len(chunks)))
     errors: list[str] = []

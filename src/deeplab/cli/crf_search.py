@@ -20,7 +20,13 @@ import math
 import sys
 from pathlib import Path
 
-from deeplab.cli.segment import check_output_file, report_error
+from deeplab.cli.common import (
+    add_input_scale_argument,
+    add_precision_argument,
+    check_output_file,
+    parse_scales,
+    report_error,
+)
 
 
 def parse_range(text: str) -> list[float]:
@@ -47,8 +53,6 @@ def parse_range(text: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deeplab.cli.segment import add_input_scale_argument, add_precision_argument, parse_scales
-
     parser.add_argument("--dataset", required=True, help="data set name")
     parser.add_argument("--data-root", required=True, type=Path, help="the data set's root folder")
     parser.add_argument("--split", default="val", help="split holding the images to search on")

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deeplab.cli.segment import (
+from deeplab.cli.common import (
     add_input_scale_argument,
     add_precision_argument,
     check_output_file,

@@ -15,9 +15,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
+
+from deeplab.cli.common import check_output_file, report_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,17 +76,14 @@ def run(args: argparse.Namespace) -> int:
     """Export the model; returns the exit status."""
     import torch
 
-    from deeplab.cli.segment import check_output_file
     from deeplab.weights import export_onnx
     from deeplab.weights.onnx_export import check_opset
 
     try:
-        if args.out.suffix.lower() != ".onnx":
-            raise ValueError(f"--out {args.out} must end with .onnx")
         if args.height < 1 or args.width < 1:
             raise ValueError(f"--height and --width must be positive, got {args.height} and {args.width}")
         check_opset(args.opset, "--opset")  # before the weights are loaded
-        reason = check_output_file(args.out)
+        reason = check_output_file(args.out, ".onnx")
         if reason:
             raise ValueError(f"--out: {reason}")
         model, metadata = _build(args)
@@ -103,11 +101,9 @@ def run(args: argparse.Namespace) -> int:
                              "reduce --height/--width (with --dynamic the exported graph still takes any "
                              "size)") from None
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(str(e))
     except OSError as e:  # writing: permission denied, disk full ...
-        print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        return report_error(f"cannot write {args.out}: {e.strerror or e}")
     size_mb = args.out.stat().st_size / 2**20
     print(f"wrote {args.out} ({size_mb:.1f} MiB, {metadata['model']}, {model.num_classes} classes, "
           f"input 1x3x{args.height}x{args.width}{' dynamic' if args.dynamic else ''}, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from deeplab.cli.segment import report_error
+from deeplab.cli.common import report_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,36 +20,19 @@ from __future__ import annotations
 import argparse
 import glob
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from deeplab.cli.common import (
+    add_input_scale_argument,
+    add_precision_argument,
+    check_writable,
+    overwritten_input,
+    parse_scales,
+    report_error,
+)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def parse_scales(text: str | None) -> tuple[float, ...] | None:
-    """Parse ``"0.5,0.75"`` into ``(0.5, 0.75)``; None or empty gives None."""
-    if not text:
-        return None
-    try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--msc {text!r}: expected comma-separated scales such as 0.5,0.75"
-        ) from None
-    if not scales or any(not (0 < s) for s in scales):
-        raise argparse.ArgumentTypeError(f"--msc {text!r}: scales must be positive numbers")
-    return tuple(s for s in scales if s != 1.0) or None
-
-
-def _positive_scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"--input-scale {text!r}: expected a positive number such as 1.5")
-    return value
 
 
 def _positive_pixels(flag: str):
@@ -66,19 +49,6 @@ def _positive_pixels(flag: str):
 
     return parse
 
-
-def add_input_scale_argument(parser: argparse.ArgumentParser) -> None:
-    """``--input-scale``, shared by segment, eval and crf-search (None: the weights' own)."""
-    parser.add_argument("--input-scale", type=_positive_scale, default=None, metavar="S",
-                        help="resize images by S for the network (the output stays full size); "
-                        "unset: the weights' input_scale, else 1")
-
-
-def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    """``--precision``, shared by segment, eval and crf-search."""
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="network precision; auto: bf16 where the device computes it natively (AVX512_BF16 / AMX "
-                             "CPUs, Ampere+ GPUs), else fp32 (softmax is always fp32)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,12 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="N", help="refuse to decode image files of more pixels (a guard against "
                         "decompression bombs); raise it for trusted large files; unset: 64,000,000")
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay")
-
-
-def report_error(msg: str) -> int:
-    """Print ``error: msg`` to stderr and return exit status 2 (every subcommand's user error)."""
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
 
 
 def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
@@ -142,44 +106,6 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             seen.add(key)
             unique.append(p)
     return unique, problems
-
-
-def check_writable(out: Path) -> str | None:
-    """None if ``out`` can be created and written to, else the reason."""
-    if out.exists() and not out.is_dir():
-        return f"cannot create the folder {out}: {out} exists and is not a folder"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return f"cannot create the folder {out}: {e.strerror or e}"
-    try:
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".deeplab-write-test-"):
-            pass
-    except OSError as e:
-        return f"output folder {out} is not writable ({e.strerror or e}): choose another --out"
-    return None
-
-
-def overwritten_input(out: Path, inputs: dict[Path, Path], names: list[str]) -> Path | None:
-    """The input that writing ``names`` into ``out`` would replace, if any (``inputs``: each
-    input file by its resolved path)."""
-    for name in names:
-        hit = inputs.get((out / name).resolve())
-        if hit is not None:
-            return hit
-    return None
-
-
-def check_output_file(path: Path) -> str | None:
-    """None if the file ``path`` can be written (its folder is created), else the reason.
-
-    For single-file outputs (--json, convert's and export's destination), checked before the
-    work starts so that nothing computed is lost at the end.
-    """
-    if path.is_dir():
-        return f"{path} is a folder: give a file name inside it"
-    reason = check_writable(path.parent)
-    return None if reason is None else f"cannot write {path}: {reason}"
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:

@@ -12,7 +12,7 @@ Examples:
   torchrun --nproc_per_node 2 -m deeplab.cli train configs/camvid_resnet18.yaml --out runs/ddp
 
 Under torchrun, solver.batch_size is per process: the global batch is
-batch_size x iter_size x number of processes. Exit status: 0 done, 1 bad config / data /
+batch_size x iter_size x number of processes. Exit status: 0 done, 2 bad config / data /
 checkpoint, 3 diverged (NaN / inf loss; the last good checkpoint is kept).
 """
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from deeplab.cli.common import report_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(str(e))
     if args.print_config:
         import yaml
 
@@ -75,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except (TrainingError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(str(e))
     if os.environ.get("RANK", "0") != "0":  # under torchrun the main process reports
         return 0
     best = summary["best_miou"]
