@@ -133,3 +133,19 @@ def test_crf_cli_two_images_of_one_id(tmp_path, shared_data, capsys):
     # the other id is untouched; this id's output comes from the one image that was paired
     np.testing.assert_array_equal(np.array(Image.open(out / "2009_002205.png")), expected["2009_002205"])
     assert (out / f"{name}.png").is_file()
+
+
+def test_crf_cli_reads_greyscale_pgm_like_segment(tmp_path, shared_data, capsys):
+    # crf and segment pick up the same image suffixes; a greyscale .pgm is refined as its RGB copy.
+    images, probs, _ = _write_case(tmp_path, shared_data)
+    name = "2008_005376"
+    grey = np.array(Image.open(images / f"{name}.png").convert("L"))
+    (images / f"{name}.png").unlink()
+    (images / "2009_002205.png").unlink()
+    Image.fromarray(grey).save(images / f"{name}.pgm")
+    out = tmp_path / "out"
+    status = main(["crf", "--images", str(images), "--probs", str(probs), "--out", str(out),
+                   "--workers", "1", "--no-progress", "--palette", "none"])
+    assert status == 0, capsys.readouterr().err
+    expected = DenseCRF()(np.repeat(grey[..., None], 3, axis=2), np.load(probs / f"{name}.npy")).argmax(0)
+    np.testing.assert_array_equal(np.array(Image.open(out / f"{name}.png")), expected)

@@ -12,6 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+# The files a folder argument of segment and crf picks up (read_image decodes each to RGB).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
 
 def parse_scales(text: str | None) -> tuple[float, ...] | None:
     """Parse ``"0.5,0.75"`` into ``(0.5, 0.75)``; None or empty gives None."""

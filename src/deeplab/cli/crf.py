@@ -25,9 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from deeplab.cli.common import check_writable, overwritten_input, report_error
-
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+from deeplab.cli.common import IMAGE_SUFFIXES, check_writable, overwritten_input, report_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +61,7 @@ def _find_pairs(images: Path, probs: Path) -> tuple[list[tuple[str, Path, Path]]
     pairs, missing = [], []
     seen: dict[str, Path] = {}
     for path in sorted(images.iterdir()):
-        if path.suffix.lower() not in _IMAGE_SUFFIXES or path.name.startswith("."):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
             continue
         if path.stem in seen:  # both would read <id>.npy and write <id>.png, the second over the first
             missing.append(f"{path.name}: {seen[path.stem].name} has the same id {path.stem!r}, and an id has "

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from deeplab.cli.common import (
+    IMAGE_SUFFIXES,
     add_input_scale_argument,
     add_precision_argument,
     check_writable,
@@ -31,8 +32,6 @@ from deeplab.cli.common import (
     parse_scales,
     report_error,
 )
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 def _positive_pixels(flag: str):
