@@ -46,6 +46,23 @@ def test_default_weights_load_strictly_and_metadata_is_complete():
     assert meta["weight_average"]["count"] == len(meta["weight_average"]["sources"]) == int(m.group(1))
 
 
+def test_model_card_states_the_shipped_crf_parameters_and_recorded_figures():
+    """The card's CRF setting and its val mIoU row are the metadata's (so a repackaged file or
+    an edited card cannot drift apart unnoticed)."""
+    meta = read_metadata(default_weights_path())
+    card = README.read_text()
+    m = re.search(r"bi_w=([0-9.]+), bi_xy_std=([0-9.]+), bi_rgb_std=([0-9.]+), pos_w=([0-9.]+), "
+                  r"pos_xy_std=([0-9.]+), stored in\s+the weights' metadata", card)
+    assert m, "README model card must state the shipped CRF parameters"
+    stated = dict(zip(("bi_w", "bi_xy_std", "bi_rgb_std", "pos_w", "pos_xy_std"), map(float, m.groups())))
+    assert stated == {k: meta["crf"][k] for k in stated}
+    row = re.search(r"\| \*\*mIoU\*\* \| ([0-9.]+) \| \*\*([0-9.]+)\*\* \| \*\*([0-9.]+)\*\* \|", card)
+    assert row, "README model card must have the per-class table's mIoU row"
+    record = meta["record"]
+    expected = (record["val_miou_unadjusted"], record["val_miou"], record["val_miou_crf"])
+    assert [float(v) for v in row.groups()] == [round(100 * v, 2) for v in expected]
+
+
 def test_model_card_miou_on_first_20_val_images(camvid_root):
     path = default_weights_path()
     meta = read_metadata(path)
