@@ -120,7 +120,9 @@ def test_packaged_and_trained_files_pass(tmp_path):
     assert written
     for path in written:
         meta = read_metadata(path)
-        assert meta["model_kwargs"]["atrous_rates"] is None and meta["model_kwargs"]["msc_scales"] == [0.75]
+        # The rates the model was built with (the default ASPP-L), as save_weights records them.
+        assert meta["model_kwargs"]["atrous_rates"] == [6, 12, 18, 24]
+        assert meta["model_kwargs"]["msc_scales"] == [0.75] and meta["model_kwargs"]["output_stride"] == 16
         build_from_weights(path)
 
     model = build_model("deeplab_v2_resnet18", num_classes=3)

@@ -48,6 +48,15 @@ def add_input_scale_argument(parser: argparse.ArgumentParser) -> None:
                         "unset: the weights' input_scale, else 1")
 
 
+def add_msc_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--msc`` and ``--msc-fusion``, shared by segment, eval and crf-search."""
+    parser.add_argument("--msc", type=parse_scales, default=None, metavar="S1,S2",
+                        help="extra input scales fused with scale 1, e.g. 0.5,0.75 (v2) or 0.5,0.75,1.25,1.5,1.75 (v3)")
+    parser.add_argument("--msc-fusion", choices=("max", "mean"), default=None,
+                        help="how --msc scales are fused: max (the v2 paper) or mean (the v3 / v3+ papers); "
+                             "unset: the model family's own")
+
+
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     """``--precision``, shared by segment, eval and crf-search."""
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from deeplab.cli.common import (
     add_input_scale_argument,
+    add_msc_arguments,
     add_precision_argument,
     check_output_file,
-    parse_scales,
     report_error,
 )
 
@@ -62,8 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=None,
                         help="weights used when --probs is not given; without it, the packaged model")
     parser.add_argument("--model", default=None, help="expected model name (checked against the weights)")
-    parser.add_argument("--msc", type=parse_scales, default=None, metavar="S1,S2",
-                        help="extra input scales when computing probabilities")
+    add_msc_arguments(parser)
     add_input_scale_argument(parser)
     parser.add_argument("--flip", action="store_true", help="flip averaging when computing probabilities")
     add_precision_argument(parser)
@@ -177,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
             for i in tqdm(range(n), desc="probabilities", unit="img", file=sys.stderr):
                 image, mask = dataset[i]
                 probs = predict_probs(bundle.model, image, normalization=bundle.normalization,
-                                      msc_scales=args.msc, flip=args.flip, precision=bundle.precision,
+                                      msc_scales=args.msc, msc_fusion=args.msc_fusion, flip=args.flip, precision=bundle.precision,
                                       input_scale=bundle.scale_for(args.input_scale))
                 samples.append((image, probs[0].to(torch.float16).cpu(), mask))
         except ValueError as e:  # a bad sample (size mismatch, labels out of range, unreadable file)

@@ -26,10 +26,10 @@ from typing import Any
 
 from deeplab.cli.common import (
     add_input_scale_argument,
+    add_msc_arguments,
     add_precision_argument,
     check_output_file,
     check_writable,
-    parse_scales,
     report_error,
 )
 
@@ -75,8 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights .safetensors; without it, the packaged default model")
     parser.add_argument("--model", default=None,
                         help="expected model name (checked against the weights' metadata)")
-    parser.add_argument("--msc", type=parse_scales, default=None, metavar="S1,S2",
-                        help="extra input scales fused by a max, e.g. 0.5,0.75")
+    add_msc_arguments(parser)
     add_input_scale_argument(parser)
     parser.add_argument("--flip", action="store_true", help="average with the mirrored image")
     parser.add_argument("--crf", action="store_true", help="refine with the fully connected CRF")
@@ -159,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     from deeplab.data import build_dataset
     from deeplab.engine.distributed import cleanup, init_distributed
     from deeplab.engine.evaluate import evaluate
+    from deeplab.engine.inference import model_msc_fusion
     from deeplab.engine.segment import check_device, load_bundle
 
     try:
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
             overlap=args.overlap, crf=crf,
             save_probs=args.save_probs, limit=args.limit, device=device, optimize=False,
             num_workers=args.workers, keep_examples=3 if args.report else 0,
-            progress=main, notice=notice, input_scale=input_scale,
+            progress=main, notice=notice, input_scale=input_scale, msc_fusion=args.msc_fusion,
         )
     except ValueError as e:  # a bad sample (size mismatch, labels out of range)
         cleanup()
@@ -230,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         "model": bundle.name,
         "weights": str(args.weights) if args.weights else "default",
         "msc_scales": list(args.msc) if args.msc else None,
+        "msc_fusion": (args.msc_fusion or model_msc_fusion(bundle.model)) if args.msc else None,
         "input_scale": input_scale,
         "flip": args.flip,
         "crf": crf_params if args.crf else None,

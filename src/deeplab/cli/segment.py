@@ -26,10 +26,10 @@ from pathlib import Path
 from deeplab.cli.common import (
     IMAGE_SUFFIXES,
     add_input_scale_argument,
+    add_msc_arguments,
     add_precision_argument,
     check_writable,
     overwritten_input,
-    parse_scales,
     report_error,
 )
 
@@ -59,8 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="expected model name (checked against the weights' metadata)")
     parser.add_argument("--crf", action="store_true", help="refine with the fully connected CRF")
-    parser.add_argument("--msc", type=parse_scales, default=None, metavar="S1,S2",
-                        help="extra input scales fused by a max, e.g. 0.5,0.75")
+    add_msc_arguments(parser)
     add_input_scale_argument(parser)
     parser.add_argument("--flip", action="store_true", help="also average the mirrored image")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -161,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from deeplab.data.io import DEFAULT_MAX_PIXELS as DEFAULT_IMAGE_PIXELS
     from deeplab.data.io import ImageReadError, read_image, write_label_png
     from deeplab.engine.evaluate import save_probs_npy
-    from deeplab.engine.inference import DEFAULT_MAX_PIXELS, finish_prediction, predict_logits
+    from deeplab.engine.inference import DEFAULT_MAX_PIXELS, finish_prediction, model_align_corners, predict_logits
     from deeplab.engine.segment import load_bundle, overlay, save_jpeg
 
     try:
@@ -201,11 +200,11 @@ def run(args: argparse.Namespace) -> int:
         logits = predict_logits(
             bundle.model, batch, normalization=bundle.normalization, msc_scales=args.msc,
             flip=args.flip, precision=bundle.precision, max_pixels=max_pixels, notice=notice,
-            input_scale=bundle.scale_for(args.input_scale),
+            input_scale=bundle.scale_for(args.input_scale), msc_fusion=args.msc_fusion,
         )
         for k, (path, stem, img) in enumerate(group):
-            labels, probs = finish_prediction(logits[k : k + 1], img, crf=crf,
-                                              want_probs=args.save_probs)
+            labels, probs = finish_prediction(logits[k : k + 1], img, crf=crf, want_probs=args.save_probs,
+                                              align_corners=model_align_corners(bundle.model))
             if args.save_probs:
                 save_probs_npy(args.out / f"{stem}.npy", probs)
             labels = labels.numpy().astype(np.uint8)

@@ -264,7 +264,7 @@ class DenseCRF:
             ``False`` keeps every step in float32 (Q within ~1e-5 of pydensecrf's). float64
             is never rounded.
 
-    Defaults are kazuto1011/deeplab-pytorch's; see the README for the paper's and the official
+    Defaults are kazuto1011/deeplab-pytorch's; docs/crf.md lists the paper's and the official
     release's values.
     """
 

@@ -80,7 +80,7 @@ def build_dataset(
     Args:
         name: one of :func:`list_datasets` (``voc12``, ``voc12_aug``, ``cityscapes``,
             ``cocostuff10k``, ``cocostuff164k``, ``pascal_context``, ``camvid``, ``folder``).
-        root: the data set's root folder (layouts in each module's docstring and the README).
+        root: the data set's root folder (layouts in each module's docstring and docs/datasets.md).
         split: split name (``train``, ``val``...; ``folder`` also accepts ``None`` for all).
         transforms: joint ``(image, mask)`` transform applied in ``__getitem__``.
         options: the data set's own keyword options (``skip_bad``, ``max_pixels`` and the

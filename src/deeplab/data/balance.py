@@ -89,7 +89,7 @@ def sqrt_median_frequency_weights(freqs: ClassFrequencies) -> np.ndarray:
 
     A milder balance: on CamVid it spans 0.39 (road) to 2.97 (bicyclist) instead of 0.15 to 8.8,
     so the rare classes gain recall without the network's posterior being skewed as far (see the
-    logit adjustment in the README's model card, which undoes a weighting after training).
+    logit adjustment in the model card, docs/model-cards.md, which undoes a weighting after training).
 
     Returns:
         float32 (C,) weights.

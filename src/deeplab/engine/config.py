@@ -54,21 +54,30 @@ class ModelConfig:
     Args:
         name: a name from ``deeplab models`` (e.g. ``deeplab_v2_resnet101``).
         num_classes: number of classes; ``null`` takes the data set's.
-        output_stride: 8 (the paper) or 16.
-        atrous_rates: ASPP rates (ASPP-S (2, 4, 8, 12), ASPP-L (6, 12, 18, 24)); ``null`` = the model's default.
+        output_stride: 8 (the v2 paper), 16 (where the v3 / v3+ papers train) or 32; ``null`` =
+            the model's default (v1 / v2: 8, v3 / v3+: 16).
+        atrous_rates: ASPP rates at output stride 8 (ASPP-S (2, 4, 8, 12), ASPP-L (6, 12, 18, 24),
+            v3 (12, 24, 36)); ``null`` = the model's default.
         msc_scales: extra input scales for multi-scale training (the paper: [0.5, 0.75]); ``null`` = none.
         freeze_bn: freeze batch-norm statistics and affine parameters (the paper, with ImageNet /
             COCO initialisation); from-scratch training needs ``false``.
         sync_bn: synchronise batch-norm statistics across processes (distributed runs, BN not frozen).
+        resnet_layout: ``caffe`` or ``torchvision`` (ImageNet weights of torchvision / timm need
+            it); ``null`` = the model's default (v2: caffe, v3 / v3+: torchvision).
+        multi_grid: v3 / v3+: unit rates of the last stage, e.g. [1, 2, 4]; ``null`` = none.
+        decoder_convs: v3+: the decoder's 3x3 convolutions, 2 (the paper) or 1 (VainF); ``null`` = 2.
     """
 
     name: str = "deeplab_v2_resnet101"
     num_classes: int | None = None
-    output_stride: int = 8
+    output_stride: int | None = None
     atrous_rates: list[int] | None = None
     msc_scales: list[float] | None = None
     freeze_bn: bool = True
     sync_bn: bool = False
+    resnet_layout: str | None = None
+    multi_grid: list[int] | None = None
+    decoder_convs: int | None = None
 
 
 @dataclass
@@ -166,7 +175,9 @@ class TrainConfig:
             x86 CPUs with AVX512_BF16 or AMX; else fp32), ``bf16`` (autocast on CPU and CUDA;
             the loss in fp32) or ``fp32``.
         channels_last: NHWC memory format (faster convolutions with bf16 on CPUs and GPUs).
-        init_weights: a ``.safetensors`` file to start from (e.g. ``deeplab convert init.caffemodel``);
+        init_weights: a ``.safetensors`` file to start from (e.g. ``deeplab convert init.caffemodel``)
+            or a PyTorch state dict (.pth): the project's, an ImageNet ResNet of torchvision / timm
+            (``fc`` dropped; the backbone only) or a torchvision / VainF DeepLab v3(+) model;
             tensors whose name or shape do not match (a classifier with another class count)
             are skipped and listed.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -340,8 +351,10 @@ def _validate(cfg: TrainConfig) -> None:
         check_normalization(d.normalization)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"data.normalization: {e}") from None
-    if m.output_stride not in (8, 16, 32):
-        raise ConfigError(f"model.output_stride must be 8, 16 or 32, got {m.output_stride}")
+    if m.output_stride not in (None, 8, 16, 32):
+        raise ConfigError(f"model.output_stride must be 8, 16, 32 or null, got {m.output_stride}")
+    if m.resnet_layout not in (None, "caffe", "torchvision"):
+        raise ConfigError(f"model.resnet_layout must be caffe, torchvision or null, got {m.resnet_layout!r}")
     if m.num_classes is not None and m.num_classes < 1:
         raise ConfigError(f"model.num_classes must be >= 1 or null, got {m.num_classes}")
     if m.msc_scales is not None and any(not 0 < x <= 4 for x in m.msc_scales):

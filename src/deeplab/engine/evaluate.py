@@ -24,6 +24,7 @@ from deeplab.engine.inference import (
     DEFAULT_MAX_PIXELS,
     Precision,
     finish_prediction,
+    model_align_corners,
     predict_logits,
     prepare_model,
 )
@@ -115,6 +116,7 @@ def evaluate(
     progress: bool = False,
     notice: Callable[[str], None] | None = None,
     input_scale: float = 1.0,
+    msc_fusion: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on every (image, mask) pair of ``dataset`` at full resolution.
 
@@ -124,8 +126,10 @@ def evaluate(
             with ``num_classes``, ``ignore_index`` and ``ids`` (as from
             ``deeplab.data.build_dataset`` without transforms).
         normalization: the model's normalisation spec.
-        msc_scales: extra input scales fused by a max (e.g. ``(0.5, 0.75)``).
+        msc_scales: extra input scales fused with scale 1 (e.g. ``(0.5, 0.75)``).
         flip: average with the mirrored image's logits.
+        msc_fusion: ``"max"`` or ``"mean"`` over the scales; None: the model's own (v1 / v2:
+            max, v3 / v3+: mean).
         precision: network precision, ``"auto"`` (default: bf16 where ``device`` computes it
             natively, else fp32), ``"bf16"`` or ``"fp32"``; softmax is always fp32. The result's
             ``precision`` says which ran.
@@ -210,9 +214,11 @@ def evaluate(
             max_pixels=max_pixels,
             notice=notice,
             input_scale=input_scale,
+            msc_fusion=msc_fusion,
         )
         sid = _sample_id(dataset, index)
-        pred, probs = finish_prediction(logits, image, crf=crf, want_probs=save_probs is not None)
+        pred, probs = finish_prediction(logits, image, crf=crf, want_probs=save_probs is not None,
+                                        align_corners=model_align_corners(model))
         if save_probs is not None:
             save_probs_npy(probs_path(save_probs, sid), probs)
         one = ConfusionMatrix(num_classes, ignore)

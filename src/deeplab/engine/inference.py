@@ -3,19 +3,22 @@
 The paper's test protocol: the network sees the whole image and its stride-8 logits are
 upsampled bilinearly to the image size before the argmax (or the CRF). Choices made here:
 
-- **Bilinear upsampling with ``align_corners=True``**, as Caffe's ``Interp`` layer of the
-  official test net (and the project's MSC wrapper, :mod:`deeplab.models.msc`): the corner
-  logits sit on the corner pixels. For the official 513x513 input (65x65 logits) this is the
-  exact stride-8 grid; for other sizes it is within a stride of it, as is PyTorch's
-  ``align_corners=False`` (kazuto1011/deeplab-pytorch's choice) with an offset of half a stride.
+- **Bilinear upsampling with ``align_corners=True``** for v1 / v2, as Caffe's ``Interp`` layer
+  of the official test net (and the project's MSC wrapper, :mod:`deeplab.models.msc`): the
+  corner logits sit on the corner pixels. For the official 513x513 input (65x65 logits) this
+  is the exact stride-8 grid; for other sizes it is within a stride of it, as is PyTorch's
+  ``align_corners=False`` (kazuto1011/deeplab-pytorch's choice) with an offset of half a
+  stride. v3 / v3+ models say ``align_corners = False``, torchvision's and VainF's choice,
+  which their weights were trained with: every resize here follows the model's attribute.
 - **Softmax in fp32**: the network may run in bf16 (``precision="auto"``, the default, picks it
   where it is native: about 3x faster on CPUs with AVX512-BF16; fp32 on AVX2 CPUs) but logits
   are cast to fp32 before upsampling and softmax, so the probabilities handed to the CRF are
   not quantised to bf16's 8 bits.
-- **MSC**: exactly :class:`deeplab.models.DeepLabMSC`'s fusion: the input resized to Caffe's
-  ``floor((H-1)*s)+1`` (bilinear, corners aligned), every output resized to the scale-1 logits'
-  size and fused by a pixel-wise max. A model already built with ``msc_scales`` fuses by
-  itself and is not wrapped twice.
+- **MSC**: for v1 / v2 exactly :class:`deeplab.models.DeepLabMSC`'s fusion: the input resized
+  to Caffe's ``floor((H-1)*s)+1`` (bilinear, corners aligned), every output resized to the
+  scale-1 logits' size and fused by a pixel-wise max. A model already built with
+  ``msc_scales`` fuses by itself and is not wrapped twice. v3 / v3+ (``msc_fusion = "mean"``)
+  average the scales instead, as their papers do; ``msc_fusion`` overrides the model's choice.
 - **Flip**: logits of the mirrored image are flipped back and averaged with the plain ones.
 - **Sliding window** (large images such as Cityscapes): square windows of ``sliding_window``
   pixels overlapping by ``overlap`` (1/3 by default), the image padded at the bottom/right with
@@ -45,6 +48,9 @@ from deeplab.models.inference import Precision, resolve_precision
 
 __all__ = [
     "ALIGN_CORNERS",
+    "MSC_FUSIONS",
+    "model_align_corners",
+    "model_msc_fusion",
     "DEFAULT_MAX_PIXELS",
     "InferenceNotice",
     "labels_from_logits",
@@ -54,7 +60,20 @@ __all__ = [
     "upsample_logits",
 ]
 
+#: How v1 / v2 models upsample (Caffe's Interp); a model's ``align_corners`` attribute overrides it.
 ALIGN_CORNERS = True
+#: Multi-scale fusions: the v2 paper's pixel-wise max, the v3 / v3+ papers' mean.
+MSC_FUSIONS = ("max", "mean")
+
+
+def model_align_corners(model: nn.Module) -> bool:
+    """How ``model``'s logits are upsampled: its ``align_corners`` attribute, else Caffe's (True)."""
+    return bool(getattr(model, "align_corners", ALIGN_CORNERS))
+
+
+def model_msc_fusion(model: nn.Module) -> str:
+    """How ``model``'s multi-scale testing fuses: its ``msc_fusion`` attribute, else the max (v2)."""
+    return str(getattr(model, "msc_fusion", "max"))
 #: Largest image (in pixels) the network sees in one piece; larger ones are downscaled first.
 DEFAULT_MAX_PIXELS = 6_000_000
 
@@ -130,17 +149,20 @@ def _normalize_batch(images: np.ndarray, normalization: dict) -> torch.Tensor:
 _FULL_UPSAMPLE_BYTES = 1 << 28
 
 
-def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling of (B,C,h,w) logits to ``size`` in fp32 (corners aligned, as Caffe)."""
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int], *,
+                    align_corners: bool = ALIGN_CORNERS) -> torch.Tensor:
+    """Bilinear upsampling of (B,C,h,w) logits to ``size`` in fp32 (by default corners aligned, as
+    Caffe; pass :func:`model_align_corners` of the model that made them)."""
     # NCHW whatever the model's memory format: PyTorch then interpolates each class plane on
     # its own (except for tiny outputs), so labels_from_logits' per-class path rounds the same.
     logits = logits.float().contiguous()
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=ALIGN_CORNERS)
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=align_corners)
 
 
-def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def labels_from_logits(logits: torch.Tensor, size: tuple[int, int], *,
+                       align_corners: bool = ALIGN_CORNERS) -> torch.Tensor:
     """Argmax labels (B,H,W) int64 of ``logits`` upsampled to ``size``.
 
     The same labels as ``upsample_logits(logits, size).argmax(1)``, ties included (first
@@ -155,10 +177,10 @@ def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Ten
     # gives the same values. With <= 3 classes it would save little memory anyway.
     if b * c * h * w * 4 <= _FULL_UPSAMPLE_BYTES or h + w <= 128 or c <= 3:
         # max(dim).indices, not argmax(dim): same first-max rule, ~10x faster over dim 1 on CPU.
-        return upsample_logits(logits, size).max(1).indices
+        return upsample_logits(logits, size, align_corners=align_corners).max(1).indices
     best = labels = None
     for k in range(c):
-        up = upsample_logits(logits[:, k : k + 1], size)[:, 0]
+        up = upsample_logits(logits[:, k : k + 1], size, align_corners=align_corners)[:, 0]
         if best is None:
             best, labels = up, torch.zeros(up.shape, dtype=torch.int64, device=up.device)
             continue
@@ -170,11 +192,12 @@ def labels_from_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Ten
 
 
 def _forward_fused(
-    model: nn.Module, x: torch.Tensor, msc_scales: tuple[float, ...], flip: bool
+    model: nn.Module, x: torch.Tensor, msc_scales: tuple[float, ...], flip: bool, fusion: str = "max"
 ) -> torch.Tensor:
-    """Logits (fp32, at the scale-1 logits' size) with MSC max fusion and flip averaging."""
+    """Logits (fp32, at the scale-1 logits' size) with MSC fusion (max or mean) and flip averaging."""
     from deeplab.models.msc import scaled_size
 
+    align_corners = model_align_corners(model)
 
     def one(inp: torch.Tensor) -> torch.Tensor:
         out = model(inp).float()
@@ -187,13 +210,13 @@ def _forward_fused(
                 inp,
                 size=(scaled_size(h, s), scaled_size(w, s)),
                 mode="bilinear",
-                align_corners=ALIGN_CORNERS,
+                align_corners=align_corners,
             )
             ys = F.interpolate(
-                model(xs).float(), size=size, mode="bilinear", align_corners=ALIGN_CORNERS
+                model(xs).float(), size=size, mode="bilinear", align_corners=align_corners
             )
-            out = torch.maximum(out, ys)
-        return out
+            out = torch.maximum(out, ys) if fusion == "max" else out + ys
+        return out if fusion == "max" else out / (1 + len(msc_scales))
 
     logits = one(x)
     if flip:
@@ -216,6 +239,7 @@ def _sliding_logits(
     overlap: float,
     msc_scales: tuple[float, ...],
     flip: bool,
+    fusion: str,
 ) -> torch.Tensor:
     b, _, h, w = x.shape
     ph, pw = max(h, window), max(w, window)
@@ -228,7 +252,8 @@ def _sliding_logits(
     for top in _window_starts(ph, window, stride):
         for left in _window_starts(pw, window, stride):
             crop = x[:, :, top : top + window, left : left + window]
-            out = upsample_logits(_forward_fused(model, crop, msc_scales, flip), crop.shape[-2:])
+            out = upsample_logits(_forward_fused(model, crop, msc_scales, flip, fusion), crop.shape[-2:],
+                                  align_corners=model_align_corners(model))
             if acc is None:
                 acc = torch.zeros((b, out.shape[1], ph, pw), dtype=torch.float32, device=x.device)
             acc[:, :, top : top + window, left : left + window] += out
@@ -250,6 +275,7 @@ def predict_logits(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     notice: Callable[[str], None] | None = None,
     input_scale: float = 1.0,
+    msc_fusion: str | None = None,
 ) -> torch.Tensor:
     """Fused fp32 logits at the working resolution (not yet upsampled to the image size).
 
@@ -267,6 +293,9 @@ def predict_logits(
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if sliding_window is not None and sliding_window < 16:
         raise ValueError(f"sliding_window must be at least 16 pixels, got {sliding_window}")
+    fusion = model_msc_fusion(model) if msc_fusion is None else msc_fusion
+    if fusion not in MSC_FUSIONS:
+        raise ValueError(f"msc_fusion={msc_fusion!r}: use one of {MSC_FUSIONS} (None: the model's own)")
     scales = tuple(float(s) for s in (msc_scales or ()))
     if any(s <= 0 for s in scales):
         raise ValueError(f"msc_scales must be positive, got {scales}")
@@ -312,8 +341,8 @@ def predict_logits(
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast(device, precision):
         if sliding_window is not None and max(x.shape[-2:]) > sliding_window:
-            return _sliding_logits(model, x, sliding_window, overlap, scales, flip)
-        return _forward_fused(model, x, scales, flip)
+            return _sliding_logits(model, x, sliding_window, overlap, scales, flip, fusion)
+        return _forward_fused(model, x, scales, flip, fusion)
 
 
 def _is_channels_last(model: nn.Module) -> bool:
@@ -336,6 +365,7 @@ def predict_probs(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     notice: Callable[[str], None] | None = None,
     input_scale: float = 1.0,
+    msc_fusion: str | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities (B,C,H,W) fp32 at the full image size, on the model's device.
 
@@ -344,7 +374,7 @@ def predict_probs(
         image: uint8 RGB (H,W,3), a (B,H,W,3) batch or a list of same-size images.
         normalization: the model's normalisation spec (``{"mode": "caffe_bgr", "mean": [...]}``
             or ``{"mode": "rgb", "mean": [...], "std": [...]}``).
-        msc_scales: extra input scales (e.g. ``(0.5, 0.75)``) fused with scale 1 by a max.
+        msc_scales: extra input scales (e.g. ``(0.5, 0.75)``) fused with scale 1.
         flip: also run the mirrored image and average the logits.
         precision: ``"auto"`` (default: bf16 where the model's device computes it natively),
             ``"bf16"`` or ``"fp32"`` (autocast for a model not from :func:`prepare_model`).
@@ -354,6 +384,8 @@ def predict_probs(
         notice: called with a message when the cap applies (default: ``warnings.warn``).
         input_scale: the network sees the image resized by this factor (the weights'
             ``input_scale``: the scale the model was trained at); the output stays full size.
+        msc_fusion: ``"max"`` (v1 / v2 paper) or ``"mean"`` (v3 / v3+ papers) over the scales;
+            None: the model's own (:func:`model_msc_fusion`).
     """
     batch = _to_batch(image)
     logits = predict_logits(
@@ -368,8 +400,10 @@ def predict_probs(
         max_pixels=max_pixels,
         notice=notice,
         input_scale=input_scale,
+        msc_fusion=msc_fusion,
     )
-    return torch.softmax(upsample_logits(logits, tuple(batch.shape[1:3])), dim=1)
+    size = tuple(batch.shape[1:3])
+    return torch.softmax(upsample_logits(logits, size, align_corners=model_align_corners(model)), dim=1)
 
 
 def finish_prediction(
@@ -378,6 +412,7 @@ def finish_prediction(
     *,
     crf: Callable[[np.ndarray, torch.Tensor], torch.Tensor] | None = None,
     want_probs: bool = False,
+    align_corners: bool = ALIGN_CORNERS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Labels (and probabilities) of one image from its (1,C,h,w) working-resolution logits.
 
@@ -392,6 +427,7 @@ def finish_prediction(
         image: the uint8 (H,W,3) RGB image (its size is the output size; the CRF reads it).
         crf: a ``deeplab.crf.DenseCRF`` (or any ``(image, probs) -> probs``), or None.
         want_probs: also return the probabilities.
+        align_corners: how the logits are upsampled (:func:`model_align_corners` of the model).
 
     Returns:
         ``(labels, probs)``: int64 (H,W) labels on the CPU; float16 (C,H,W) softmax
@@ -399,8 +435,8 @@ def finish_prediction(
     """
     size = tuple(image.shape[:2])
     if crf is None and not want_probs:
-        return labels_from_logits(logits, size)[0].cpu(), None
-    up = upsample_logits(logits, size)
+        return labels_from_logits(logits, size, align_corners=align_corners)[0].cpu(), None
+    up = upsample_logits(logits, size, align_corners=align_corners)
     probs = torch.softmax(up, dim=1)[0].to(torch.float16).cpu()
     if crf is None:
         # labels_from_logits' values, without upsampling a second time.

@@ -22,6 +22,7 @@ from deeplab.engine.inference import (
     DEFAULT_MAX_PIXELS,
     Precision,
     finish_prediction,
+    model_align_corners,
     predict_logits,
     prepare_model,
     upsample_logits,
@@ -302,6 +303,7 @@ def segment(
     flip: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     input_scale: float | None = None,
+    msc_fusion: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Segment one image; mirrors ``deeplab segment``.
 
@@ -313,7 +315,7 @@ def segment(
         weights: a ``.safetensors`` weights file; None for the default model.
         crf: refine with the fully connected CRF: True (the parameters stored with the weights,
             else ``DenseCRF``'s defaults) or a dict of ``DenseCRF`` keyword arguments.
-        msc_scales: extra input scales fused by a max, e.g. ``(0.5, 0.75)``.
+        msc_scales: extra input scales fused with scale 1, e.g. ``(0.5, 0.75)``.
         precision: ``"auto"`` (default: bf16 where ``device`` computes it natively, else
             fp32), ``"bf16"`` or ``"fp32"``.
         device: ``"cpu"`` or ``"cuda"``.
@@ -321,6 +323,8 @@ def segment(
         max_pixels: larger images are downscaled for the network (the output stays full size).
         input_scale: resize the image by this factor for the network; None: the weights'
             ``input_scale`` (1 when they have none).
+        msc_fusion: ``"max"`` or ``"mean"`` over the scales; None: the model's own (v1 / v2:
+            max, v3 / v3+: mean).
 
     Returns:
         ``(labels, probs)``: uint8 (H,W) class indices (int32 above 256 classes) and float32
@@ -345,8 +349,10 @@ def segment(
         precision=bundle.precision,
         max_pixels=max_pixels,
         input_scale=bundle.scale_for(input_scale),
+        msc_fusion=msc_fusion,
     )
     size = img.shape[:2]
+    align_corners = model_align_corners(bundle.model)
     if crf:
         from deeplab.crf import DenseCRF
 
@@ -355,11 +361,11 @@ def segment(
             params.update(crf)
         crf_fn = DenseCRF(**params)
         # finish_prediction's rounding, so the labels equal `deeplab segment --crf`'s.
-        _, probs16 = finish_prediction(logits, img, want_probs=True)
+        _, probs16 = finish_prediction(logits, img, want_probs=True, align_corners=align_corners)
         probs = torch.as_tensor(crf_fn(img, probs16.float()))
         labels = probs.argmax(0).numpy()
     else:
-        probs = torch.softmax(upsample_logits(logits, size), dim=1)[0].cpu()
+        probs = torch.softmax(upsample_logits(logits, size, align_corners=align_corners), dim=1)[0].cpu()
         # From the returned probabilities, so labels == probs.argmax(0) even where exp rounds
         # two nearly tied logits to one probability (max(0).indices: argmax's rule, faster).
         labels = probs.max(0).indices.numpy()

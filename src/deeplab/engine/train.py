@@ -31,6 +31,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,40 +246,61 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _load_init_weights(model: nn.Module, path: Path, log) -> None:
-    if path.suffix.lower() != ".safetensors":
+    from deeplab.weights import load_weights, weights_format
+
+    try:
+        fmt = weights_format(path)
+    except ValueError:
+        fmt = None
+    if fmt not in ("safetensors", "torch"):
         raise TrainingError(
-            f"init_weights {path}: expected a .safetensors file; convert Caffe / PyTorch weights first "
-            f"with 'deeplab convert {path} OUT.safetensors'"
+            f"init_weights {path}: expected a .safetensors file or a PyTorch state dict (.pth / .pt: the "
+            f"project's, torchvision's, timm's or VainF's); convert Caffe weights first with "
+            f"'deeplab convert {path} OUT.safetensors'"
         )
     if not path.is_file():
         raise TrainingError(f"init_weights {path} does not exist")
-    try:
-        loaded = ckpt.load_state_dict_file(path)
-    except ckpt.CheckpointError as e:
-        raise TrainingError(str(e)) from None
-    try:
-        result = apply_state_dict(model, loaded, source=str(path), strict=False)
-    except WeightsMismatchError as e:  # not one tensor fits: another model altogether
-        raise TrainingError(f"init_weights: {e}") from None
+    notes: list[str] = []
+    if fmt == "torch":
+        # Foreign layouts (an ImageNet ResNet, a torchvision / VainF model) are renamed by the loader.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the layout warning is logged below as a note
+                result = load_weights(model, path, strict=False)
+        except (ValueError, FileNotFoundError) as e:
+            raise TrainingError(f"init_weights: {e}") from None
+        notes = result.notes
+    else:
+        try:
+            loaded = ckpt.load_state_dict_file(path)
+        except ckpt.CheckpointError as e:
+            raise TrainingError(str(e)) from None
+        try:
+            result = apply_state_dict(model, loaded, source=str(path), strict=False)
+        except WeightsMismatchError as e:  # not one tensor fits: another model altogether
+            raise TrainingError(f"init_weights: {e}") from None
     msg = f"init_weights: {result.loaded} tensors loaded from {path}"
+    if result.layout != "deeplab":
+        msg += f" ({result.layout} layout)"
     if result.skipped_shape:
         msg += f"; {len(result.skipped_shape)} skipped for their shape ({', '.join(result.skipped_shape[:4])})"
     if result.missing:
         more = " ..." if len(result.missing) > 4 else ""
         msg += f"; {len(result.missing)} left at their initialisation ({', '.join(result.missing[:4])}{more})"
     log(msg)
+    for note in notes:
+        log(f"init_weights: {note}")
 
 
-def _weights_metadata(cfg: TrainConfig, dataset: Any, num_classes: int, iteration: int) -> dict[str, Any]:
+def _weights_metadata(cfg: TrainConfig, model: nn.Module, dataset: Any, num_classes: int,
+                      iteration: int) -> dict[str, Any]:
+    from deeplab.models.zoo import model_build_kwargs
+
     meta: dict[str, Any] = {
         "model": cfg.model.name,
         "num_classes": num_classes,
         "normalization": dict(cfg.data.normalization),
-        "model_kwargs": {
-            "output_stride": cfg.model.output_stride,
-            "atrous_rates": cfg.model.atrous_rates,
-            "msc_scales": cfg.model.msc_scales,
-        },
+        "model_kwargs": model_build_kwargs(model),
         "dataset": cfg.data.dataset,
         "iteration": iteration,
         "source": "deeplab train",
@@ -571,7 +593,9 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
     random.seed(cfg.seed)
     try:
         model = build_model(m.name, num_classes=num_classes, output_stride=m.output_stride,
-                            atrous_rates=m.atrous_rates, msc_scales=m.msc_scales)
+                            atrous_rates=m.atrous_rates, msc_scales=m.msc_scales,
+                            resnet_layout=m.resnet_layout, multi_grid=m.multi_grid,
+                            decoder_convs=m.decoder_convs)
     except (KeyError, ValueError) as e:
         raise TrainingError(f"cannot build model {m.name!r}: {e}") from None
     if cfg.init_weights and resume_from is None:
@@ -655,7 +679,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
         persistent_workers=False, prefetch_factor=4 if d.num_workers > 0 else None,
     )
 
-    meta = lambda it: _weights_metadata(cfg, train_ds, num_classes, it)  # noqa: E731
+    meta = lambda it: _weights_metadata(cfg, core, train_ds, num_classes, it)  # noqa: E731
 
     def save_checkpoint(iteration: int) -> Path:
         rng = _gather_rng_states()

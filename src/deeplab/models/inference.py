@@ -170,7 +170,8 @@ class _InferenceModel(nn.Module):
         self.precision = precision
         self.channels_last = channels_last
         self._dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        for attr in ("output_stride", "num_classes", "name", "msc_scales", "atrous_rates"):
+        for attr in ("output_stride", "num_classes", "name", "msc_scales", "atrous_rates", "align_corners",
+                     "msc_fusion", "logits_stride", "decoder_convs"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 

@@ -1,6 +1,6 @@
 """Name mappings from foreign weight layouts onto the project's state-dict keys.
 
-Two foreign layouts are understood:
+Foreign layouts understood:
 
 - **Caffe** (the official DeepLab releases): layer names such as ``conv1`` / ``bn_conv1`` /
   ``scale_conv1``, ``res4b22_branch2a``, ``fc1_voc12_c0`` (ResNet-101) and ``conv5_3``, ``fc6``,
@@ -14,6 +14,15 @@ Two foreign layouts are understood:
   ``base.layer2.block1.reduce.bn.running_mean``, ``...conv3x3...``, ``...increase...``,
   ``...shortcut...`` (``proj`` in early versions), ``base.aspp.c0.weight`` (``aspp.stages.c0``
   in early versions; ``scale.`` instead of ``base.`` in early MSC wrappers).
+- **torchvision** segmentation checkpoints (``deeplabv3_resnet101_coco-586e9e4e.pth``):
+  ``backbone.conv1.weight``, ``backbone.layer4.2.conv3.weight``, ``classifier.0.convs.4.1.weight``
+  (the ASPP), ``classifier.1`` / ``.2`` / ``.4`` (the 3x3, its BN, the classifier) and an
+  auxiliary FCN head ``aux_classifier.*``, which is dropped.
+- **VainF/DeepLabV3Plus-Pytorch** checkpoints: v3 ``classifier.classifier.0.convs.*`` (then as
+  torchvision's), v3+ ``classifier.aspp.*``, ``classifier.project.*`` (the decoder's 1x1) and
+  ``classifier.classifier.*`` (the decoder's 3x3(s), then the classifier).
+- **ImageNet classification ResNets** of torchvision and timm: ``conv1.weight``, ``bn1.*``,
+  ``layer1.0.conv1.weight`` ... and ``fc.*``, which is dropped: a backbone initialisation.
 
 The project's own keys (see :mod:`deeplab.models.resnet`, :mod:`deeplab.models.vgg`,
 :mod:`deeplab.models.aspp`) start at ``backbone.`` / ``aspp.``; a wrapper such as the MSC module
@@ -41,6 +50,10 @@ __all__ = [
     "kazuto_to_project",
     "caffe_to_state_dict",
     "CaffeImport",
+    "ForeignImport",
+    "detect_foreign_layout",
+    "foreign_to_project",
+    "FOREIGN_LAYOUTS",
 ]
 
 
@@ -142,6 +155,105 @@ def kazuto_to_project(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torc
             continue
         unknown.append(key)
     return out, unknown
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision, VainF/DeepLabV3Plus-Pytorch and ImageNet classification ResNets
+
+#: The foreign PyTorch layouts besides kazuto1011's, as :func:`detect_foreign_layout` names them.
+FOREIGN_LAYOUTS = ("torchvision", "vainf_v3", "vainf_v3plus", "imagenet")
+
+# The ResNet stem: torchvision's conv1 / bn1 sit in the project's ``stem`` module.
+_STEM = (("conv1.", "stem.conv1."), ("bn1.", "stem.bn1."))
+# (foreign prefix, project prefix) after the backbone; the first match wins.
+_HEADS: dict[str, tuple[tuple[str, str], ...]] = {
+    "torchvision": (("classifier.0.", "aspp."), ("classifier.1.", "head.0."), ("classifier.2.", "head.1."),
+                    ("classifier.4.", "classifier.")),
+    "vainf_v3": (("classifier.classifier.0.", "aspp."), ("classifier.classifier.1.", "head.0."),
+                 ("classifier.classifier.2.", "head.1."), ("classifier.classifier.4.", "classifier.")),
+    "vainf_v3plus": (("classifier.aspp.", "aspp."), ("classifier.project.", "decoder.reduce.")),
+}
+_DROPPED = {"torchvision": ("aux_classifier.",), "imagenet": ("fc.",)}
+
+
+@dataclass
+class ForeignImport:
+    """A foreign state dict renamed to the project's keys, and what was left out."""
+
+    state_dict: dict[str, torch.Tensor]
+    layout: str
+    dropped: list[str] = field(default_factory=list)  # keys left out on purpose (aux head, fc)
+    unknown: list[str] = field(default_factory=list)  # keys that match no rule
+
+    @property
+    def note(self) -> str:
+        """One sentence on the dropped keys ('' when none)."""
+        if not self.dropped:
+            return ""
+        what = "the auxiliary FCN head" if self.layout == "torchvision" else "the ImageNet classifier"
+        roots = sorted({k.split(".")[0] for k in self.dropped})
+        return f"dropped {what} ({len(self.dropped)} tensors: {', '.join(r + '.*' for r in roots)})"
+
+
+def detect_foreign_layout(keys) -> str | None:
+    """Name the layout of a torchvision / VainF / ImageNet ResNet state dict, or None.
+
+    Args:
+        keys: the state dict's keys (after any ``module.`` prefix was removed).
+    """
+    keys = list(keys)
+    if "backbone.conv1.weight" in keys:
+        if any(k.startswith("classifier.aspp.") for k in keys):
+            return "vainf_v3plus"
+        if any(k.startswith("classifier.classifier.0.convs.") for k in keys):
+            return "vainf_v3"
+        if any(k.startswith("classifier.0.convs.") for k in keys):
+            return "torchvision"
+    if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+        return "imagenet"
+    return None
+
+
+def _decoder_refine_map(keys: list[str]) -> dict[str, str]:
+    """VainF's v3+ ``classifier.classifier.{i}``: the 3x3 (conv, BN, ReLU) units, then the classifier
+    last (index 3 with one 3x3, 6 with two)."""
+    indices = sorted({int(m[1]) for k in keys if (m := re.match(r"^classifier\.classifier\.(\d+)\.", k))})
+    if not indices:
+        return {}
+    last = indices[-1]
+    out = {f"classifier.classifier.{last}.": "classifier."}
+    for i in indices[:-1]:
+        out[f"classifier.classifier.{i}."] = f"decoder.refine.{i}."
+    return out
+
+
+def foreign_to_project(state: Mapping[str, torch.Tensor], layout: str) -> ForeignImport:
+    """Rename a state dict of ``layout`` (see :data:`FOREIGN_LAYOUTS`) to the project's keys.
+
+    Returns:
+        A :class:`ForeignImport`: the renamed tensors (project keys without a wrapper prefix),
+        the keys dropped on purpose and the keys that match no rule.
+    """
+    if layout not in FOREIGN_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: one of {FOREIGN_LAYOUTS}")
+    backbone = "" if layout == "imagenet" else "backbone."
+    rules = [(backbone + a, "backbone." + b) for a, b in _STEM]
+    rules.append((backbone + "layer", "backbone.layer"))
+    rules += list(_HEADS.get(layout, ()))
+    if layout == "vainf_v3plus":
+        rules += list(_decoder_refine_map(list(state)).items())
+    result = ForeignImport(state_dict={}, layout=layout)
+    for key, value in state.items():
+        if key.startswith(_DROPPED.get(layout, ())):
+            result.dropped.append(key)
+            continue
+        for old, new in rules:
+            if key.startswith(old):
+                result.state_dict[new + key[len(old):]] = value
+                break
+        else:
+            result.unknown.append(key)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,16 +94,9 @@ def _model_metadata(model: nn.Module) -> dict[str, Any]:
     name = getattr(model, "name", None)
     if isinstance(name, str) and name:
         meta["model"] = name
-    kwargs: dict[str, Any] = {}
-    output_stride = getattr(model, "output_stride", None)
-    if isinstance(output_stride, int):
-        kwargs["output_stride"] = output_stride
-    # build_model's atrous_rates are given at output stride 8 and so is the attribute.
-    rates = getattr(model, "atrous_rates", None)
-    if rates is not None:
-        kwargs["atrous_rates"] = [int(r) for r in rates]
-    scales = getattr(model, "msc_scales", None)
-    kwargs["msc_scales"] = [float(s) for s in scales] if scales else None
+    from deeplab.models.zoo import model_build_kwargs  # the one list of what rebuilds a model
+
+    kwargs = model_build_kwargs(model)
     if kwargs:
         meta["model_kwargs"] = kwargs
     return meta
@@ -130,7 +123,7 @@ _CRF_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cache_positional": (lambda v: isinstance(v, bool), "true or false"),
     "lattice_fp16": (lambda v: isinstance(v, bool), "true or false"),
 }
-_MODEL_KWARGS = ("output_stride", "atrous_rates", "msc_scales")
+_MODEL_KWARGS = ("output_stride", "atrous_rates", "msc_scales", "resnet_layout", "multi_grid", "decoder_convs")
 
 
 def _check_object(value: Any, key: str, valid: Sequence[str], what: str) -> None:
@@ -163,7 +156,7 @@ def _check_normalization(norm: Any) -> None:
 def _check_model_kwargs(kwargs: Any) -> None:
     _check_object(kwargs, "model_kwargs", _MODEL_KWARGS, 'build_model arguments, e.g. {"output_stride": 8}')
     # null means the model's default (output stride 8, its own rates, single scale).
-    stride, rates, scales = (kwargs.get(k) for k in _MODEL_KWARGS)
+    stride, rates, scales, layout, grid, decoder = (kwargs.get(k) for k in _MODEL_KWARGS)
     if stride is not None and not _is_count(stride, 1):
         raise ValueError(f"metadata model_kwargs.output_stride must be an int such as 8, got {stride!r}")
     if rates is not None and not (isinstance(rates, (list, tuple)) and rates and all(_is_count(r, 1) for r in rates)):
@@ -172,6 +165,13 @@ def _check_model_kwargs(kwargs: Any) -> None:
     if scales is not None and not (isinstance(scales, (list, tuple)) and all(_is_number(x) and x > 0 for x in scales)):
         raise ValueError(f"metadata model_kwargs.msc_scales must be null or a list of positive numbers such as "
                          f"[0.5, 0.75], got {scales!r}")
+    if layout is not None and layout not in ("caffe", "torchvision"):
+        raise ValueError(f"metadata model_kwargs.resnet_layout must be 'caffe' or 'torchvision', got {layout!r}")
+    if grid is not None and not (isinstance(grid, (list, tuple)) and grid and all(_is_count(r, 1) for r in grid)):
+        raise ValueError(f"metadata model_kwargs.multi_grid must be a list of positive ints such as [1, 2, 4], "
+                         f"got {grid!r}")
+    if decoder is not None and decoder not in (1, 2):
+        raise ValueError(f"metadata model_kwargs.decoder_convs must be 1 or 2, got {decoder!r}")
 
 
 def _validate_metadata(meta: Mapping[str, Any]) -> None:
