@@ -1,7 +1,9 @@
-"""Export a model to ONNX (fp32): input 'image' (B,3,H,W) normalised, output 'logits' at stride 8.
+"""Export a model to ONNX (fp32): input 'image' (B,3,H,W) normalised, output 'logits' at the
+network's stride (v1 / v2 / v3: the output stride; v3+: 4).
 
-The graph is the single-scale network, as model(x) in PyTorch: logits at the output stride,
-without upsampling, softmax or multi-scale fusion. The weights' metadata (model, classes,
+The graph is the single-scale network, as model(x) in PyTorch: logits at the network's stride,
+without upsampling, softmax or multi-scale fusion (metadata_props say how to upsample:
+``logits_stride``, ``align_corners``). The weights' metadata (model, classes,
 normalisation) is stored in the ONNX metadata_props. Files without metadata (.pth, .caffemodel)
 need --model (and --num-classes unless the classifier tells).
 
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     """Export the model; returns the exit status."""
     import torch
 
+    from deeplab.engine.inference import model_align_corners
     from deeplab.weights import export_onnx
     from deeplab.weights.onnx_export import check_opset
 
@@ -90,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         keep = ("model", "num_classes", "class_names", "palette", "normalization", "model_kwargs")
         props = {k: metadata[k] for k in keep if k in metadata}
         props["output_stride"] = model.output_stride
+        props["logits_stride"] = getattr(model, "logits_stride", model.output_stride)
+        props["align_corners"] = model_align_corners(model)
         t0 = time.perf_counter()
         try:
             export_onnx(model, args.out, height=args.height, width=args.width, opset=args.opset,

@@ -58,6 +58,10 @@ class _Moments:
         self.mean += delta * (n / total)
         self.m2 += m2 + delta.square() * (self.count * n / total)
         self.count = total
+        # One value per channel (DeepLab v3's image-pooling branch on a batch of one image): train
+        # mode cannot normalise it, so this pass uses the running statistics; the moments still count.
+        if isinstance(module, nn.Module):
+            module.training = n > 1
 
     def variance(self) -> torch.Tensor:
         """Unbiased, as batch norm keeps it."""
@@ -142,10 +146,10 @@ def recalibrate_bn(
     hooks = [bn.register_forward_pre_hook(m) for bn, m in zip(layers, moments)]
     batches = 0
     try:
-        for bn in layers:
-            bn.train()
         with torch.no_grad(), autocast(device, precision):
             for batch in _whole_image_batches(dataset, order, normalization, batch_size):
+                for bn in layers:
+                    bn.train()
                 model(batch.to(device))
                 batches += 1
     finally:
