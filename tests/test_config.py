@@ -117,7 +117,21 @@ def test_every_shipped_config_validates(path):
 
     assert cfg.model.name in list_models()
     assert cfg.data.dataset in list_datasets(), f"{cfg.data.dataset} is not a known data set"
-    assert cfg.solver.momentum == 0.9 and cfg.solver.lr_power == 0.9 and cfg.solver.weight_decay == 5e-4
+    assert cfg.solver.momentum == 0.9 and cfg.solver.lr_power == 0.9
+    # v1 / v2: the DeepLab paper's Caffe decay; v3+: the TF release's ResNet decay (VainF's too).
+    assert cfg.solver.weight_decay == (1e-4 if "deeplabv3" in path.name else 5e-4)
+
+
+@pytest.mark.parametrize(("name", "crop", "lr"), [("voc12_deeplabv3plus_resnet101.yaml", 513, 0.007),
+                                                  ("cityscapes_deeplabv3plus_resnet101.yaml", 769, 0.01)])
+def test_v3plus_configs_follow_the_paper(name, crop, lr):
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert cfg.model.name == "deeplab_v3plus_resnet101" and cfg.model.output_stride == 16
+    assert cfg.model.freeze_bn is False and cfg.model.decoder_convs == 2
+    crop_size = [cfg.data.crop_size] * 2 if isinstance(cfg.data.crop_size, int) else cfg.data.crop_size
+    assert crop_size == [crop, crop] and cfg.solver.base_lr == lr
+    assert cfg.solver.batch_size * cfg.solver.iter_size == 16
+    assert cfg.init_weights.endswith(".pth") and cfg.data.normalization["mode"] == "rgb"
 
 
 def test_non_utf8_config_names_the_file(tmp_path):
