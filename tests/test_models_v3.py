@@ -275,3 +275,19 @@ def test_v3_multi_scale_testing_averages_the_scales() -> None:
     assert torch.allclose(predict_logits(model, image, msc_fusion="max", **kw), torch.maximum(full, half), atol=1e-5)
     with pytest.raises(ValueError, match="msc_fusion='sum'"):
         predict_logits(model, image, msc_fusion="sum", **kw)
+
+
+def test_bench_models_prints_the_baseline_and_the_candidate() -> None:
+    """The benchmark runs end to end (tiny input); the timings themselves are not asserted."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_models.py"
+    out = subprocess.run([sys.executable, str(script), "--models", "deeplab_v3plus_resnet18", "--size", "65",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"deeplab_v2_resnet101", "deeplab_v3plus_resnet18"}
+    assert rows["deeplab_v3plus_resnet18"][3] == f"{_count(_meta('deeplab_v3plus_resnet18')) / 1e6:.2f}M"
+    assert rows["deeplab_v3plus_resnet18"][2] == "17x17" and rows["deeplab_v2_resnet101"][7] == "1.00"

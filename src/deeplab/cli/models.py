@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if args.names:
         print("\n".join(list_models()))
         return 0
-    rows = [("name", "backbone", "head", "params", "output strides", "default atrous_rates")]
+    rows = [("name", "backbone", "head", "params", "output strides (default)", "default atrous_rates")]
     for name in list_models():
         info = model_info(name)
         # Building on the meta device allocates no memory and runs no initialisation kernels.
@@ -40,11 +40,14 @@ def run(args: argparse.Namespace) -> int:
             model = build_model(name, num_classes=args.num_classes)
         params = sum(p.numel() for p in model.parameters())
         rows.append((name, info.backbone, info.head, f"{params / 1e6:.2f}M ({params:,})",
-                     ",".join(map(str, info.output_strides)), str(info.default_atrous_rates)))
+                     ",".join(map(str, info.output_strides)) + f" ({info.default_output_stride})",
+                     str(info.default_atrous_rates)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    print(f"\nparameters counted with {args.num_classes} classes; atrous_rates are given at output stride 8")
+    print(f"\nparameters counted with {args.num_classes} classes; atrous_rates are given at output stride 8 "
+          "(v3's (12, 24, 36) are its paper's (6, 12, 18) at 16); v3+ uses the paper's two-convolution decoder "
+          "(decoder_convs=1: VainF's)")
     # Which precision "auto" (every command's default) means on this machine: it differs between CPUs.
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print("precision 'auto' here: " + ", ".join(f"{resolve_precision('auto', d)} on {d}" for d in devices)
