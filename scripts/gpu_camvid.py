@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train on CamVid on a lent GPU machine that takes a small upload and gives back small files.
 
-The GPU machines lent to this project (README, "Training on a lent GPU machine") take a working
+The GPU machines lent to this project (docs/model-cards.md, "Training it on a lent GPU machine") take a working
 tree of at most 64 MiB, run one command of at most 10 minutes and give back at most 8 files of
 16 MiB each. CamVid's PNG images (91 MB for train) do not fit, nor does a ResNet-34 in float16
 (43 MB) as one file. Three steps:
@@ -22,7 +22,7 @@ tree of at most 64 MiB, run one command of at most 10 minutes and give back at m
                    with the run's metadata; config.yaml, metrics.jsonl and class_weights.json
                    beside it, ready for scripts/package_default_model.py.
 
-Example (the command the README gives for the device tool is the ``train`` line):
+Example (docs/camvid_model.md gives the device tool's command: the ``train`` line):
   python scripts/gpu_camvid.py pack --data-root ../shared/data/camvid_segnet --dst .gpu_pack
   PYTHONPATH=src python3 scripts/gpu_camvid.py train --pack .gpu_pack --out "$OUT" --deadline-s 540 \\
       --set model.name=deeplab_v2_resnet34

@@ -1,8 +1,9 @@
 """The packaged default model (DeepLab v2 ResNet-18 trained here on CamVid).
 
-The README's model card states the model's mIoU on the first 20 CamVid val images; this test
-recomputes it from ../shared/data, so a broken loader, normalisation, palette or weights file
-cannot ship unnoticed.
+The model card (docs/model-cards.md) states the model's mIoU on the first 20 CamVid val images;
+this test recomputes it from ../shared/data, so a broken loader, normalisation, palette or weights
+file cannot ship unnoticed. The card's other figures, and the README's summary of them, are tied
+to the weights' metadata.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from deeplab.engine.evaluate import evaluate
 from deeplab.models import build_model
 from deeplab.weights import default_weights_path, load_weights, read_metadata
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+_REPO = Path(__file__).resolve().parents[1]
+CARD = _REPO / "docs" / "model-cards.md"
+README = _REPO / "README.md"
 REQUIRED_KEYS = {"model", "num_classes", "class_names", "palette", "normalization", "model_kwargs", "crf", "record"}
 
 
 def _card_figure() -> float:
-    m = re.search(r"mIoU on the first 20 CamVid val images[^0-9]*([0-9]+\.[0-9]+)", README.read_text())
-    assert m, "README model card must state the mIoU on the first 20 CamVid val images"
+    m = re.search(r"mIoU on the first 20 CamVid val images[^0-9]*([0-9]+\.[0-9]+)", CARD.read_text())
+    assert m, "the model card must state the mIoU on the first 20 CamVid val images"
     return float(m.group(1))
 
 
@@ -41,8 +44,8 @@ def test_default_weights_load_strictly_and_metadata_is_complete():
 
     DenseCRF(**meta["crf"])  # the stored CRF parameters are valid keyword arguments
     # The card's "mean of the seventh fine-tune's N checkpoints" (deeplab average-weights).
-    m = re.search(r"mean of the seventh fine-tune's (\d+) checkpoints", README.read_text())
-    assert m, "README model card must state how many checkpoints the shipped weights average"
+    m = re.search(r"mean of the seventh fine-tune's (\d+) checkpoints", CARD.read_text())
+    assert m, "the model card must state how many checkpoints the shipped weights average"
     assert meta["weight_average"]["count"] == len(meta["weight_average"]["sources"]) == int(m.group(1))
 
 
@@ -50,17 +53,26 @@ def test_model_card_states_the_shipped_crf_parameters_and_recorded_figures():
     """The card's CRF setting and its val mIoU row are the metadata's (so a repackaged file or
     an edited card cannot drift apart unnoticed)."""
     meta = read_metadata(default_weights_path())
-    card = README.read_text()
+    card = CARD.read_text()
     m = re.search(r"bi_w=([0-9.]+), bi_xy_std=([0-9.]+), bi_rgb_std=([0-9.]+), pos_w=([0-9.]+), "
                   r"pos_xy_std=([0-9.]+), stored in\s+the weights' metadata", card)
-    assert m, "README model card must state the shipped CRF parameters"
+    assert m, "the model card must state the shipped CRF parameters"
     stated = dict(zip(("bi_w", "bi_xy_std", "bi_rgb_std", "pos_w", "pos_xy_std"), map(float, m.groups())))
     assert stated == {k: meta["crf"][k] for k in stated}
     row = re.search(r"\| \*\*mIoU\*\* \| ([0-9.]+) \| \*\*([0-9.]+)\*\* \| \*\*([0-9.]+)\*\* \|", card)
-    assert row, "README model card must have the per-class table's mIoU row"
+    assert row, "the model card must have the per-class table's mIoU row"
     record = meta["record"]
     expected = (record["val_miou_unadjusted"], record["val_miou"], record["val_miou_crf"])
     assert [float(v) for v in row.groups()] == [round(100 * v, 2) for v in expected]
+
+
+
+def test_readme_summary_is_the_recorded_figures():
+    """The README's one-line summary of the default model (val mIoU without and with the CRF)."""
+    record = read_metadata(default_weights_path())["record"]
+    m = re.search(r"\(([0-9.]+) CamVid val mIoU, ([0-9.]+)\s+with the CRF\)", README.read_text())
+    assert m, "the README must state the default model's val mIoU, without and with the CRF"
+    assert [float(v) for v in m.groups()] == [round(100 * record["val_miou"], 2), round(100 * record["val_miou_crf"], 2)]
 
 
 def test_model_card_miou_on_first_20_val_images(camvid_root):

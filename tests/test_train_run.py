@@ -287,7 +287,7 @@ def test_named_class_weights_come_from_the_training_masks(camvid_root, tmp_path)
     # ENet's weights are bounded by 1 / ln(1.02); the rarest class (bicyclist) weighs most in both.
     assert enet_weights(freqs).max() <= 1 / np.log(1.02)
     assert int(np.argmax(enet_weights(freqs))) == int(np.argmax(median_frequency_weights(freqs))) == 10
-    # The list the README's from-scratch CamVid run passes by hand (4 decimals) is this weighting.
+    # The list the from-scratch CamVid run of docs/camvid_model.md passes by hand (4 decimals) is this weighting.
     np.testing.assert_allclose(sqrt_median_frequency_weights(freqs), [0.5286, 0.4493, 2.1884, 0.3861, 1.0, 0.6508,
                                                                     1.9612, 1.4071, 0.8883, 2.5268, 2.9697], atol=6e-5)
 
