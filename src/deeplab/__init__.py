@@ -1,4 +1,4 @@
-"""DeepLab v1/v2 semantic segmentation (Chen et al., arXiv 1606.00915).
+"""DeepLab v1/v2 (Chen et al., arXiv 1606.00915), v3 (1706.05587) and v3+ (1802.02611) semantic segmentation.
 
 Sub-packages: ``models`` (atrous backbones, ASPP, multi-scale inputs), ``crf`` (the fully
 connected CRF), ``data`` (data sets and joint transforms), ``weights`` (safetensors, Caffe and

@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every subcommand attached."""
     parser = argparse.ArgumentParser(
         prog="deeplab",
-        description="DeepLab v1/v2 semantic segmentation: atrous convolution, ASPP, "
-        "multi-scale inputs and the fully connected CRF.",
+        description="DeepLab v1/v2/v3/v3+ semantic segmentation: atrous convolution, ASPP, "
+        "multi-scale inputs, the fully connected CRF and the v3+ encoder-decoder.",
         epilog="Run 'deeplab COMMAND --help' for a command's options and examples.",
         formatter_class=_Formatter,
     )

@@ -1,4 +1,5 @@
-"""DeepLab v1/v2 networks: atrous VGG-16 / ResNet backbones, ASPP heads, multi-scale inputs.
+"""DeepLab networks: atrous VGG-16 / ResNet backbones, ASPP heads, multi-scale inputs (v1/v2),
+the v3 ASPP with image pooling and the v3+ decoder (:mod:`deeplab.models.deeplab_v3`).
 
 Public API::
 
@@ -13,6 +14,7 @@ batch-norm and :func:`optimize_for_inference` / :func:`autocast` for the fast CP
 from __future__ import annotations
 
 from deeplab.models.deeplab import MIN_INPUT_SIZE, DeepLab
+from deeplab.models.deeplab_v3 import DeepLabV3
 from deeplab.models.inference import autocast, fold_batchnorm, native_bf16, optimize_for_inference, resolve_precision
 from deeplab.models.layers import FrozenBatchNorm2d, atrous_schedule, freeze_batchnorm, scale_atrous_rates
 from deeplab.models.msc import DeepLabMSC
@@ -24,6 +26,7 @@ __all__ = [
     "model_info",
     "ModelInfo",
     "DeepLab",
+    "DeepLabV3",
     "DeepLabMSC",
     "FrozenBatchNorm2d",
     "freeze_batchnorm",
