@@ -234,8 +234,9 @@ def _describe(path: Path, layout: str, missing: list[str], unexpected: list[str]
         parts.append(f"{len(missing)} missing key(s), first: {missing[:_SHOW]}")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected key(s), first: {unexpected[:_SHOW]}")
-    cause = ("the file is for another network or variant; pick the model it was saved from (layouts read: "
-             + "; ".join(KNOWN_LAYOUTS) + ")")
+    cause = "the file is for another network or variant; pick the model it was saved from"
+    if layout != "checkpoint":  # a training checkpoint is the project's own: no other layout to offer
+        cause += " (layouts read: " + "; ".join(KNOWN_LAYOUTS) + ")"
     head = ("aspp.", "classifier.", "head.", "decoder.")
     if shapes and all(any(h in s for h in (*head, "fc8")) for s in shapes) and not missing and not unexpected:
         cause = (
