@@ -32,6 +32,8 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "SolverConfig",
+    "StageConfig",
+    "AveragingConfig",
     "TrainConfig",
     "config_to_dict",
     "load_config",
@@ -60,7 +62,8 @@ class ModelConfig:
             v3 (12, 24, 36)); ``null`` = the model's default.
         msc_scales: extra input scales for multi-scale training (the paper: [0.5, 0.75]); ``null`` = none.
         freeze_bn: freeze batch-norm statistics and affine parameters (the paper, with ImageNet /
-            COCO initialisation); from-scratch training needs ``false``.
+            COCO initialisation); ``null`` (the default) = frozen exactly when ``init_weights``
+            loads weights: a random network's batch norm (mean 0, variance 1) must learn.
         sync_bn: synchronise batch-norm statistics across processes (distributed runs, BN not frozen).
         resnet_layout: ``caffe`` or ``torchvision`` (ImageNet weights of torchvision / timm need
             it); ``null`` = the model's default (v2: caffe, v3 / v3+: torchvision).
@@ -73,7 +76,7 @@ class ModelConfig:
     output_stride: int | None = None
     atrous_rates: list[int] | None = None
     msc_scales: list[float] | None = None
-    freeze_bn: bool = True
+    freeze_bn: bool | None = None
     sync_bn: bool = False
     resnet_layout: str | None = None
     multi_grid: list[int] | None = None
@@ -104,6 +107,9 @@ class DataConfig:
             ``[1 - color_jitter, 1 + color_jitter]`` (0: none).
         num_workers: DataLoader worker processes per training process.
         val_max_images: validate on the first N validation images only (``null`` = all).
+        val_options: options that replace ``options``' values for the validation split only, e.g.
+            ``{sequences: [0006R0]}`` with ``options: {exclude_sequences: [0006R0]}`` to validate
+            on a CamVid drive held out of training.
         options: the data set's own keyword options, for both splits (``build_dataset``), e.g.
             ``{mask_suffix: _mask.png, label_map: {0: 0, 255: 1}}`` for ``folder``,
             ``{sbd_root: ...}`` for ``voc12_aug``, ``{skip_bad: true}`` for any.
@@ -125,6 +131,7 @@ class DataConfig:
     num_workers: int = 2
     val_max_images: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    val_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -166,6 +173,45 @@ class SolverConfig:
 
 
 @dataclass
+class StageConfig:
+    """A stage of the recipe: from iteration ``start`` on, these settings replace the run's.
+
+    Args:
+        start: the first iteration of the stage (0-based; stages in increasing order).
+        output_stride: the network's output stride from here on (the same weights: only the
+            strides and dilations change, e.g. train at 16, fine-tune at 8); ``null`` = unchanged.
+        lovasz_weight: the Lovasz-softmax weight from here on (a loss schedule); ``null`` = unchanged.
+    """
+
+    start: int = 0
+    output_stride: int | None = None
+    lovasz_weight: float | None = None
+
+
+@dataclass
+class AveragingConfig:
+    """Stochastic weight averaging (Izmailov et al. 2018) and the batch-norm statistics of the result.
+
+    Args:
+        start: the first iteration whose weights enter the average (``null``: no averaging).
+        interval: the weights after every ``interval`` iterations from ``start`` on are averaged
+            (float64 sums; the state is in the checkpoints, so a resumed run averages the same).
+        lr: a constant learning rate from ``start`` on (the SWA schedule); ``null`` keeps the poly
+            schedule.
+        recalibrate_bn: after the last iteration, re-estimate the batch-norm statistics of the
+            final weights (the average, or the last weights) on the whole training images
+            (``deeplab calibrate-bn``'s exact moments).
+        bn_batch_size: images per forward pass of that re-estimation.
+    """
+
+    start: int | None = None
+    interval: int = 100
+    lr: float | None = None
+    recalibrate_bn: bool = False
+    bn_batch_size: int = 8
+
+
+@dataclass
 class TrainConfig:
     """A whole training run.
 
@@ -185,6 +231,11 @@ class TrainConfig:
         val_interval / checkpoint_interval / log_interval: in iterations (0 = only at the end).
         keep_checkpoints: how many periodic checkpoints to keep (older ones are deleted).
         tensorboard: also log to TensorBoard (``pip install deeplab[tensorboard]``).
+        stages: the recipe's stages (:class:`StageConfig`): output-stride switches and the loss
+            schedule, applied at their ``start`` iteration, in the trainer (a resumed run
+            rebuilds the stage it is in).
+        averaging: weight averaging and the final batch-norm re-estimation (:class:`AveragingConfig`);
+            with either, the run ends with ``final.safetensors``.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -200,6 +251,8 @@ class TrainConfig:
     log_interval: int = 20
     keep_checkpoints: int = 2
     tensorboard: bool = False
+    stages: list[StageConfig] = field(default_factory=list)
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +397,7 @@ def _validate(cfg: TrainConfig) -> None:
         valid_options = dataset_options(d.dataset)
     except ValueError as e:
         raise ConfigError(f"data.dataset: {e}") from None
-    unknown = sorted(set(d.options) - set(valid_options))
+    unknown = sorted((set(d.options) | set(d.val_options)) - set(valid_options))
     if unknown:
         raise ConfigError(f"data.options: {d.dataset!r} has no option(s) {unknown}; valid: {', '.join(valid_options)}")
     try:
@@ -359,7 +412,26 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.num_classes must be >= 1 or null, got {m.num_classes}")
     if m.msc_scales is not None and any(not 0 < x <= 4 for x in m.msc_scales):
         raise ConfigError(f"model.msc_scales must be in (0, 4], got {m.msc_scales}")
-    if m.sync_bn and m.freeze_bn:
+    previous = -1
+    for i, stage in enumerate(cfg.stages):
+        if not 0 <= stage.start < s.max_iter or stage.start <= previous:
+            raise ConfigError(f"stages[{i}].start={stage.start} must be in [0, solver.max_iter) and after the "
+                              f"previous stage's start ({previous})")
+        previous = stage.start
+        if stage.output_stride not in (None, 8, 16, 32):
+            raise ConfigError(f"stages[{i}].output_stride must be 8, 16, 32 or null, got {stage.output_stride}")
+        if stage.lovasz_weight is not None and stage.lovasz_weight < 0:
+            raise ConfigError(f"stages[{i}].lovasz_weight must be >= 0, got {stage.lovasz_weight}")
+    a = cfg.averaging
+    if a.start is not None and not 0 <= a.start < s.max_iter:
+        raise ConfigError(f"averaging.start={a.start} must be in [0, solver.max_iter) or null")
+    if a.interval < 1 or a.bn_batch_size < 1:
+        raise ConfigError("averaging.interval and averaging.bn_batch_size must be >= 1")
+    if a.lr is not None and not a.lr > 0:
+        raise ConfigError(f"averaging.lr must be > 0 or null, got {a.lr}")
+    if a.lr is not None and a.start is None:
+        raise ConfigError("averaging.lr is the constant rate of weight averaging: set averaging.start too")
+    if m.sync_bn and m.freeze_bn is True:
         raise ConfigError("model.sync_bn needs trainable batch norm: set model.freeze_bn: false")
 
 

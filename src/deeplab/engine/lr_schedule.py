@@ -45,15 +45,20 @@ class PolyLR:
         max_iter: total iterations.
         power: poly exponent.
         warmup_iter: linear warm-up length (0 = none, the paper), see :func:`poly_lr`.
+        constant_from / constant_lr: not in the paper: from iteration ``constant_from`` on the
+            base rate is ``constant_lr`` (stochastic weight averaging's constant schedule).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, base_lr: float, max_iter: int, power: float = 0.9,
-                 warmup_iter: int = 0) -> None:
+                 warmup_iter: int = 0, constant_from: int | None = None,
+                 constant_lr: float | None = None) -> None:
         self.optimizer = optimizer
         self.base_lr = float(base_lr)
         self.max_iter = int(max_iter)
         self.power = float(power)
         self.warmup_iter = int(warmup_iter)
+        self.constant_from = constant_from if constant_lr is not None else None
+        self.constant_lr = constant_lr
         self.iteration = 0
         self.step_to(0)
 
@@ -67,6 +72,8 @@ class PolyLR:
 
     def get_lr(self) -> float:
         """The current base (``lr_mult`` 1) rate."""
+        if self.constant_from is not None and self.iteration >= self.constant_from:
+            return float(self.constant_lr)
         return poly_lr(self.base_lr, self.iteration, self.max_iter, self.power, self.warmup_iter)
 
     def state_dict(self) -> dict[str, float | int]:

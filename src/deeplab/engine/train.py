@@ -50,6 +50,7 @@ from deeplab.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanu
 from deeplab.engine.losses import lovasz_softmax, msc_cross_entropy, valid_weight
 from deeplab.engine.lr_schedule import PolyLR
 from deeplab.models.inference import resolve_precision
+from deeplab.models.zoo import set_output_stride
 from deeplab.weights.loading import WeightsMismatchError, apply_state_dict
 
 __all__ = [
@@ -314,6 +315,92 @@ def _weights_metadata(cfg: TrainConfig, model: nn.Module, dataset: Any, num_clas
     return meta
 
 
+
+def stage_settings(cfg: TrainConfig, iteration: int) -> tuple[int | None, float]:
+    """``(output_stride, lovasz_weight)`` in force at ``iteration``: the run's, replaced by each
+    stage whose ``start`` it has reached (in order)."""
+    output_stride, lovasz = cfg.model.output_stride, cfg.solver.lovasz_weight
+    for stage in cfg.stages:
+        if stage.start > iteration:
+            break
+        if stage.output_stride is not None:
+            output_stride = stage.output_stride
+        if stage.lovasz_weight is not None:
+            lovasz = stage.lovasz_weight
+    return output_stride, lovasz
+
+
+class _WeightAverage:
+    """Float64 running sums of the weights (stochastic weight averaging); its state goes into the
+    checkpoints so that a resumed run averages exactly what an uninterrupted one does."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            if value.is_floating_point():
+                v = value.detach().to("cpu", torch.float64)
+                if key in self.sums:
+                    self.sums[key] += v
+                else:
+                    self.sums[key] = v.clone()
+        self.count += 1
+
+    def average(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The mean of the added weights in ``like``'s dtypes (integer buffers taken from ``like``)."""
+        return {k: (self.sums[k] / self.count).to(v.dtype) if k in self.sums else v.clone() for k, v in like.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "sums": self.sums}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.count = int(state["count"])
+            self.sums = dict(state["sums"])
+
+
+def _finish(cfg: TrainConfig, core: nn.Module, averager: _WeightAverage, train_ds: Any, *, device: torch.device,
+            precision: str, out: Path, main: bool, log, meta, validate) -> str:
+    """The recipe's last steps: the weight average, its batch-norm statistics on the whole training
+    images, ``final.safetensors`` (and ``final.json`` with its validation)."""
+    import copy
+
+    avg = cfg.averaging
+    model = copy.deepcopy(core)
+    extra: dict[str, Any] = {}
+    if averager.count:
+        model.load_state_dict(averager.average(core.state_dict()))
+        extra["weight_average"] = {"start": avg.start, "interval": avg.interval, "count": averager.count,
+                                   "lr": avg.lr}
+        log(f"averaging: the mean of {averager.count} weights (every {avg.interval} iterations from {avg.start})")
+    elif avg.start is not None:
+        log("averaging: no weights reached the average (averaging.start is after the last iteration); "
+            "final.safetensors holds the last weights")
+    if avg.recalibrate_bn:
+        from deeplab.engine.calibrate import recalibrate_bn
+
+        try:
+            info = recalibrate_bn(model, train_ds, normalization=cfg.data.normalization,
+                                  batch_size=avg.bn_batch_size, precision=precision, device=device)
+        except ValueError as e:  # frozen batch norm: nothing to re-estimate
+            log(f"averaging.recalibrate_bn: skipped ({e})")
+        else:
+            extra["bn_calibration"] = {"dataset": cfg.data.dataset, "split": cfg.data.train_split, **info}
+            log(f"batch norm re-estimated on {info['images']} whole training images ({info['layers']} layers)")
+    model.eval()
+    path = out / "final.safetensors"
+    if main:
+        ckpt.save_state_dict(model.state_dict(), path, {**meta(cfg.solver.max_iter), **extra})
+    barrier()
+    metrics = validate(cfg.solver.max_iter, model)
+    if metrics is not None and main:
+        text = json.dumps({"iteration": cfg.solver.max_iter, **extra, **metrics}, indent=1)
+        ckpt.atomic_write(out / "final.json", lambda p: p.write_text(text))
+        log(f"final weights: val mIoU {100 * float(metrics.get('miou') or 0.0):.2f}% -> {path}")
+    return str(path)
+
 def _gather_rng_states() -> list[dict[str, Any]]:
     state = ckpt.capture_rng_state()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -543,7 +630,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
         raise TrainingError(f"data.root {root} does not exist (from {d.root!r}); fix it in the config or with --set data.root=PATH")
     try:
         train_ds = build_dataset(d.dataset, root, d.train_split, **d.options)
-        val_ds = build_dataset(d.dataset, root, d.val_split, **d.options) if d.val_split else None
+        val_ds = build_dataset(d.dataset, root, d.val_split, **{**d.options, **d.val_options}) if d.val_split else None
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise TrainingError(f"cannot load data set {d.dataset!r} from {root}: {e}") from None
     if len(train_ds) == 0:
@@ -591,8 +678,10 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
+    # Built at the first stage's stride; the loop switches (in place) when a stage says so.
+    output_stride, _ = stage_settings(cfg, 0)
     try:
-        model = build_model(m.name, num_classes=num_classes, output_stride=m.output_stride,
+        model = build_model(m.name, num_classes=num_classes, output_stride=output_stride,
                             atrous_rates=m.atrous_rates, msc_scales=m.msc_scales,
                             resnet_layout=m.resnet_layout, multi_grid=m.multi_grid,
                             decoder_convs=m.decoder_convs)
@@ -600,8 +689,18 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
         raise TrainingError(f"cannot build model {m.name!r}: {e}") from None
     if cfg.init_weights and resume_from is None:
         _load_init_weights(model, Path(os.path.expanduser(cfg.init_weights)), log)
-    if m.freeze_bn:
+    # Frozen batch norm keeps statistics that only loaded weights have; a random network's are
+    # mean 0 / variance 1 and must be learnt (a frozen one diverged within 8 iterations).
+    freeze = m.freeze_bn if m.freeze_bn is not None else bool(cfg.init_weights)
+    if freeze:
+        if not cfg.init_weights:
+            log("warning: model.freeze_bn is true but no init_weights are loaded: batch norm stays at its "
+                "initial statistics (mean 0, variance 1) while the network is random, which usually diverges; "
+                "set model.freeze_bn: null (frozen only with init_weights) or false")
         freeze_batchnorm(model)
+    log(f"batch norm: {'frozen' if freeze else 'trained'}"
+        + (" (model.freeze_bn: null -> " + ("init_weights are loaded)" if freeze else "no init_weights)")
+           if m.freeze_bn is None else ""))
     if m.sync_bn and dist_info.is_distributed:
         if device.type != "cuda":
             raise TrainingError("model.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); "
@@ -616,8 +715,10 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                                 classifier_lr_mult=s.classifier_lr_mult,
                                 classifier_bias_lr_mult=s.classifier_bias_lr_mult)
     optimizer = torch.optim.SGD(groups, lr=s.base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    avg = cfg.averaging
     scheduler = PolyLR(optimizer, base_lr=s.base_lr, max_iter=s.max_iter, power=s.lr_power,
-                       warmup_iter=s.warmup_iter)
+                       warmup_iter=s.warmup_iter, constant_from=avg.start, constant_lr=avg.lr)
+    averager = _WeightAverage()
     global_batch = s.batch_size * s.iter_size * dist_info.world_size
 
     # ---- resume ----------------------------------------------------------------------------
@@ -637,6 +738,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                 f"({resume_from.parent.parent / 'config.yaml'}) or start a new run in another --out"
             ) from None
         optimizer.load_state_dict(state["optimizer"])
+        averager.load_state_dict(state.get("averaging"))
         start = int(state["iteration"])
         best = dict(state.get("best", best))
         if state.get("global_batch") != global_batch or state.get("seed") != cfg.seed:
@@ -694,6 +796,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                 "global_batch": global_batch,
                 "world_size": dist_info.world_size,
                 "model": m.name,
+                "averaging": averager.state_dict(),
             }
             ckpt.save_training_checkpoint(run.checkpoints, iteration, core.state_dict(), state,
                                                  metadata=meta(iteration), keep=cfg.keep_checkpoints)
@@ -701,14 +804,15 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
         barrier()
         return path
 
-    def validate(iteration: int) -> dict[str, Any] | None:
+    def validate(iteration: int, net: nn.Module | None = None) -> dict[str, Any] | None:
         if val_ds is None:
             return None
         from deeplab.engine.evaluate import evaluate
 
+        net = core if net is None else net
         was_training = core.training
         try:
-            metrics = evaluate(core, val_ds, normalization=d.normalization, precision=precision,
+            metrics = evaluate(net, val_ds, normalization=d.normalization, precision=precision,
                                limit=d.val_max_images, device=device, optimize=True, num_workers=0)
         except ValueError as e:  # BadSampleError / ImageReadError, naming the file
             raise TrainingError(f"validation data: {e}{skip_hint}") from None
@@ -728,6 +832,10 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
     try:
         for it in range(start, s.max_iter):
             lr = scheduler.step_to(it)
+            stage_stride, lovasz_weight = stage_settings(cfg, it)
+            if stage_stride is not None and stage_stride != core.output_stride:
+                set_output_stride(core, stage_stride)
+                log(f"iteration {it}: output stride {stage_stride} from here on (stages)")
             try:
                 micro = [next(batches) for _ in range(s.iter_size)]
             except ValueError as e:  # BadSampleError / ImageReadError, naming the file
@@ -736,18 +844,21 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
                       lab.to(device, non_blocking=True)) for img, lab in micro]
             loss_sum = train_step(model, optimizer, micro, precision=precision,
                                   ignore_index=d.ignore_index, class_weights=weight,
-                                  loss_resolution=s.loss_resolution, lovasz_weight=s.lovasz_weight,
+                                  loss_resolution=s.loss_resolution, lovasz_weight=lovasz_weight,
                                   step=False)
             loss_value = float(loss_sum)
             if not math.isfinite(loss_value):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-                raise TrainingDiverged(
-                    f"the loss is {loss_value} at iteration {it}: training diverged; {where}. "
-                    "Lower solver.base_lr, check the labels (values >= num_classes other than "
-                    f"{d.ignore_index}) or use precision: fp32"
-                )
+                fix = ("Lower solver.base_lr, check the labels (values >= num_classes other than "
+                       f"{d.ignore_index}) or use precision: fp32")
+                if freeze and not cfg.init_weights:
+                    fix = ("Batch norm is frozen (model.freeze_bn: true) but no init_weights were loaded, so it "
+                           "keeps the statistics of a random network: set model.freeze_bn: null or false")
+                raise TrainingDiverged(f"the loss is {loss_value} at iteration {it}: training diverged; {where}. {fix}")
             optimizer.step()
             done = it + 1
+            if avg.start is not None and done > avg.start and (done - avg.start) % avg.interval == 0:
+                averager.add(core.state_dict())
             n_window += 1
             bar.update(1)
             if main and (done % max(cfg.log_interval, 1) == 0 or done == s.max_iter or done == start + 1):
@@ -789,11 +900,14 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
             if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or is_last:
                 last_good = str(save_checkpoint(done))
                 t_window = time.perf_counter()
+        final = _finish(cfg, core, averager, train_ds, device=device, precision=precision, out=out, main=main,
+                        log=log, meta=meta, validate=validate) if (avg.start is not None or avg.recalibrate_bn) else None
     finally:
         bar.close()
         if tb_writer is not None:
             tb_writer.close()
     return {
+        "final_weights": final,
         "iteration": s.max_iter,
         "loss": loss_value,
         "best_miou": best["miou"] if best["iteration"] >= 0 else None,

@@ -22,7 +22,7 @@ from deeplab.models.layers import scale_atrous_rates, validate_atrous_rates
 from deeplab.models.msc import DeepLabMSC
 
 __all__ = ["build_model", "list_models", "model_info", "ModelInfo", "ASPP_L", "ASPP_S", "LARGEFOV_RATE",
-           "ASPP_V3_RATES", "model_build_kwargs"]
+           "ASPP_V3_RATES", "model_build_kwargs", "set_output_stride"]
 
 #: ASPP-L rates (the paper's default for v2) and ASPP-S rates, at output stride 8.
 ASPP_L = (6, 12, 18, 24)
@@ -240,3 +240,36 @@ def model_build_kwargs(model: nn.Module) -> dict[str, object]:
     if getattr(inner, "decoder_convs", None) is not None:
         kwargs["decoder_convs"] = int(inner.decoder_convs)
     return kwargs
+
+
+def set_output_stride(model: nn.Module, output_stride: int) -> nn.Module:
+    """Change the output stride of a built model in place: the same parameters (the optimiser's
+    references stay valid), new strides, dilations and paddings, ASPP rates scaled.
+
+    The geometry is copied from a twin built on the meta device with the same options, so it is
+    exactly what :func:`build_model` gives at ``output_stride``. Returns ``model``.
+
+    Raises:
+        ValueError: the model does not support ``output_stride`` (e.g. VGG-16 beyond 8).
+    """
+    import torch
+
+    name = getattr(model, "name", None)
+    if name not in _MODELS:
+        raise ValueError(f"set_output_stride needs a model from build_model, got {type(model).__name__}")
+    kwargs = model_build_kwargs(model)
+    kwargs["output_stride"] = output_stride
+    with torch.device("meta"):
+        twin = build_model(name, num_classes=model.num_classes, **kwargs)
+    twin_modules = dict(twin.named_modules())
+    for module_name, module in model.named_modules():
+        other = twin_modules.get(module_name)
+        if other is None:
+            continue
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+            module.stride, module.padding, module.dilation = other.stride, other.padding, other.dilation
+        for attr in ("output_stride", "logits_stride", "atrous_rates", "feature_info"):
+            if hasattr(other, attr) and hasattr(module, attr) and not isinstance(getattr(type(module), attr, None),
+                                                                                property):
+                setattr(module, attr, getattr(other, attr))
+    return model

@@ -9,6 +9,11 @@ Expected layout (as in ``../shared/data/camvid_segnet``)::
 The ``/SegNet/CamVid/`` prefix of the list files is stripped and the rest read relative to
 ROOT. Without a list file, ``ROOT/<split>/`` and ``ROOT/<split>annot/`` are paired by file name.
 Label 11 (void) becomes 255. Split ``trainval`` is train + val.
+
+CamVid's frames come from a few drives, named by the file prefix (train: ``0001TP`` 62,
+``0006R0`` 101, ``0016E5`` 204; val: ``0016E5``; test: ``0001TP`` and ``Seq05VD``). The options
+``sequences`` / ``exclude_sequences`` keep or drop whole drives, so that choices can be made on
+a drive the model never saw (val shares its drive with a third of train).
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ def _camvid_split(root: Path, split: str) -> list[Sample]:
     return [Sample(p.stem, p, mask_dir / p.name) for p in sorted(img_dir.glob("*.png"))]
 
 
+def _drive(sample_id: str) -> str:
+    return sample_id.split("_", 1)[0]
+
+
 class CamVid(SegmentationDataset):
     """CamVid (SegNet 11 classes, void -> 255).
 
@@ -64,6 +73,8 @@ class CamVid(SegmentationDataset):
         transforms: joint transform.
         skip_bad: skip and report bad samples instead of raising.
         max_pixels: image size cap.
+        sequences: keep only the frames of these drives (file-name prefixes such as ``0006R0``).
+        exclude_sequences: drop the frames of these drives.
     """
 
     def __init__(
@@ -74,10 +85,22 @@ class CamVid(SegmentationDataset):
         transforms: Callable[[Any, Any], Any] | None = None,
         skip_bad: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        sequences: list[str] | None = None,
+        exclude_sequences: list[str] | None = None,
     ):
         root = Path(root)
         parts = ["train", "val"] if split == "trainval" else [split]
         samples = [s for part in parts for s in _camvid_split(root, part)]
+        drives = sorted({_drive(s.id) for s in samples})
+        for option, names in (("sequences", sequences), ("exclude_sequences", exclude_sequences)):
+            unknown = sorted(set(names or ()) - set(drives))
+            if unknown:
+                raise ValueError(f"camvid {option}={list(names)}: {unknown} not in split {split!r}, whose drives "
+                                 f"are {drives}")
+        if sequences is not None:
+            samples = [s for s in samples if _drive(s.id) in set(sequences)]
+        if exclude_sequences:
+            samples = [s for s in samples if _drive(s.id) not in set(exclude_sequences)]
         mapping = {i: i for i in range(len(CAMVID_CLASSES))}
         mapping[_VOID] = 255
         super().__init__(
@@ -88,5 +111,7 @@ class CamVid(SegmentationDataset):
             transforms=transforms,
             skip_bad=skip_bad,
             max_pixels=max_pixels,
-            source=f"camvid split {split!r} at {root}",
+            source=f"camvid split {split!r} at {root}"
+            + (f" (drives {sorted(sequences)})" if sequences is not None else "")
+            + (f" (without drives {sorted(exclude_sequences)})" if exclude_sequences else ""),
         )
