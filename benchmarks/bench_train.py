@@ -12,6 +12,9 @@ Examples:
   python benchmarks/bench_train.py                       # CPU: fp32 vs bf16/channels_last, 1 step each
   python benchmarks/bench_train.py --iters 3 --warmup 1  # steadier figures
   python benchmarks/bench_train.py --model deeplab_v2_resnet18 --crop 161   # a quick look
+  # the CamVid recipe's step (BN trained, loss at the labels' resolution, batch 8, stride 16):
+  python benchmarks/bench_train.py --model deeplab_v3plus_resnet18 --batch-size 8 --iter-size 1 \
+      --output-stride 16 --train-bn --loss-resolution labels --num-classes 11 --iters 3 --warmup 1
   flock /tmp/deeplab-bench.lock python benchmarks/bench_train.py
 
 On a machine with CUDA the same two variants also run on the GPU (peak memory from
@@ -38,8 +41,10 @@ def _measure(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     bf16 = args.variant == "bf16"
     torch.manual_seed(0)
-    model = build_model(args.model, num_classes=21, msc_scales=[0.5, 0.75] if args.msc else None)
-    freeze_batchnorm(model)
+    model = build_model(args.model, num_classes=args.num_classes, msc_scales=[0.5, 0.75] if args.msc else None,
+                        output_stride=args.output_stride)
+    if not args.train_bn:
+        freeze_batchnorm(model)
     fmt = torch.channels_last if bf16 else torch.contiguous_format
     model.to(device).to(memory_format=fmt).train()
     optimizer = torch.optim.SGD(build_param_groups(model, weight_decay=5e-4), lr=2.5e-4, momentum=0.9)
@@ -48,13 +53,13 @@ def _measure(args: argparse.Namespace) -> dict:
     micro = []
     for _ in range(args.iter_size):
         x = torch.randn(args.batch_size, 3, args.crop, args.crop, generator=gen) * 50
-        y = torch.randint(0, 21, (args.batch_size, args.crop, args.crop), generator=gen)
+        y = torch.randint(0, args.num_classes, (args.batch_size, args.crop, args.crop), generator=gen)
         y[:, :20] = 255  # some ignored pixels, as padding gives
         micro.append((x.to(device).contiguous(memory_format=fmt), y.to(device)))
     precision = "bf16" if bf16 else "fp32"
 
     def step() -> float:
-        loss = train_step(model, optimizer, micro, precision=precision)
+        loss = train_step(model, optimizer, micro, precision=precision, loss_resolution=args.loss_resolution)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return float(loss)
@@ -89,6 +94,10 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=5)
     p.add_argument("--iter-size", type=int, default=2)
     p.add_argument("--msc", action="store_true", help="multi-scale inputs (scales 1, 0.75, 0.5)")
+    p.add_argument("--output-stride", type=int, default=None, help="unset: the model's default")
+    p.add_argument("--train-bn", action="store_true", help="batch norm trained (from scratch) instead of frozen")
+    p.add_argument("--loss-resolution", choices=["logits", "labels"], default="logits")
+    p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--iters", type=int, default=1, help="timed steps per variant (the fastest is kept)")
     p.add_argument("--warmup", type=int, default=0, help="untimed steps first (oneDNN / cuDNN set-up)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -112,9 +121,9 @@ def main() -> int:
           f"{', MSC' if args.msc else ''}; {args.warmup} warm-up + {args.iters} timed step(s) per variant; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k in ("model", "crop", "batch_size", "iter_size", "iters", "warmup", "threads")]
-    if args.msc:
-        forwarded.append("--msc")
+                 if k in ("model", "crop", "batch_size", "iter_size", "iters", "warmup", "threads", "loss_resolution",
+                          "num_classes") or (k == "output_stride" and v is not None)]
+    forwarded += [f"--{k.replace('_', '-')}" for k in ("msc", "train_bn") if getattr(args, k)]
     for device in devices:
         results = {}
         for variant in ("fp32", "bf16"):
