@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
         if reason:
             raise ValueError(f"--out: {reason}")
         model, metadata = _build(args)
-        keep = ("model", "num_classes", "class_names", "palette", "normalization", "model_kwargs")
+        # What deeplab.runtime needs to pre- and post-process as deeplab segment does.
+        keep = ("model", "num_classes", "class_names", "palette", "normalization", "model_kwargs", "crf",
+                "input_scale")
         props = {k: metadata[k] for k in keep if k in metadata}
         props["output_stride"] = model.output_stride
         props["logits_stride"] = getattr(model, "logits_stride", model.output_stride)
