@@ -14,11 +14,20 @@ Variants:
   autocast   the plain model under deeplab.models.autocast("cpu", "bf16")
   compile    the "fast" model's network through torch.compile (inductor, freezing); the
              compilation time is printed separately and not counted in the forward time
+  ort        the same weights exported to ONNX (deeplab export), run by ONNX Runtime (CPU, fp32)
+  ov         that ONNX graph run by OpenVINO directly (core.compile_model, LATENCY hint, its own
+             precision choice: bf16 on CPUs with bf16 units); the ratio column is against it
+  ov_fp32    OpenVINO with INFERENCE_PRECISION_HINT f32
+The first call (oneDNN / OpenVINO set-up; for ov the compile_model time is apart) is printed in
+its own column and not counted in the timed runs.
 
 Examples:
   python benchmarks/bench_inference.py                          # resnet101, 1x3x513x513, fp32 vs fast
   python benchmarks/bench_inference.py --variants fp32,fast,fast_fp32,autocast,compile --repeats 5
   python benchmarks/bench_inference.py --model deeplab_v2_resnet18 --size 321
+  # the issue's two settings, every backend, ratios to OpenVINO:
+  python benchmarks/bench_inference.py --variants fp32,fast,ort,ov,ov_fp32 --repeats 5
+  python benchmarks/bench_inference.py --weights default --height 360 --width 480 --variants fp32,fast,ort,ov,ov_fp32 --repeats 5
 Run it under the shared lock: flock /tmp/deeplab-bench.lock python benchmarks/bench_inference.py
 """
 
@@ -35,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("fp32", "fast", "fast_bf16", "fast_fp32", "autocast", "compile")
+VARIANTS = ("fp32", "fast", "fast_bf16", "fast_fp32", "autocast", "compile", "ort", "ov", "ov_fp32")
 
 
 def _rss_mib() -> float:
@@ -51,8 +60,13 @@ def _worker(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(args.model, num_classes=args.num_classes).eval()
-    x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
+    if args.weights:
+        from deeplab.weights import build_from_weights, default_weights_path
+
+        model, _ = build_from_weights(default_weights_path() if args.weights == "default" else args.weights)
+    else:
+        model = build_model(args.model, num_classes=args.num_classes).eval()
+    x = torch.randn(1, 3, args.height or args.size, args.width or args.size, generator=torch.Generator().manual_seed(1))
     compile_s = None
     variant = args.worker
     ran = "bf16" if variant == "autocast" else "fp32"  # the precision that runs
@@ -79,11 +93,38 @@ def _worker(args: argparse.Namespace) -> None:
         def forward():
             with torch.no_grad(), autocast("cpu", "bf16"):
                 return model(x)
+    elif variant == "ort":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(args.onnx, providers=["CPUExecutionProvider"])
+        xn = x.numpy()
+
+        def forward():
+            return torch.from_numpy(session.run(None, {"image": xn})[0])
+    elif variant in ("ov", "ov_fp32"):
+        import openvino as ov
+
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if variant == "ov_fp32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        t0 = time.perf_counter()
+        compiled = ov.Core().compile_model(args.onnx, "CPU", config)
+        compile_s = time.perf_counter() - t0
+        request = compiled.create_infer_request()
+        hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        ran = "bf16" if "bf" in hint else "fp32" if ("f32" in hint or "float32" in hint) else hint
+        xn = x.numpy()
+
+        def forward():
+            return torch.from_numpy(request.infer({0: xn})[compiled.output(0)].copy())
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(variant)
 
     rss_setup = _rss_mib()
-    for _ in range(args.warmup):
+    t0 = time.perf_counter()
+    out = forward()
+    first = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
         out = forward()
     walls, cpus = [], []
     for _ in range(args.repeats):
@@ -101,10 +142,28 @@ def _worker(args: argparse.Namespace) -> None:
         "rss_setup_mib": rss_setup,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "compile_s": compile_s,
+        "first_s": first,
         "precision": ran,
         "shape": list(out.shape),
     }
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _export(args: argparse.Namespace, path: Path, h: int, w: int) -> None:
+    """The same weights (seed 0) as the workers build, exported at the benchmark's input size."""
+    import torch
+
+    from deeplab.models import build_model
+    from deeplab.weights import export_onnx
+
+    torch.manual_seed(0)
+    if args.weights:
+        from deeplab.weights import build_from_weights, default_weights_path
+
+        model, _ = build_from_weights(default_weights_path() if args.weights == "default" else args.weights)
+    else:
+        model = build_model(args.model, num_classes=args.num_classes).eval()
+    export_onnx(model, path, height=h, width=w)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="deeplab_v2_resnet101")
     parser.add_argument("--num-classes", type=int, default=21)
     parser.add_argument("--size", type=int, default=513, help="input is 1x3xSIZExSIZE")
+    parser.add_argument("--height", type=int, default=None, help="input height (overrides --size)")
+    parser.add_argument("--width", type=int, default=None, help="input width (overrides --size)")
+    parser.add_argument("--weights", default=None, help="a weights file ('default': the packaged model) instead of "
+                        "random weights of --model")
+    parser.add_argument("--onnx", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=2, help="timed forward passes per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forward passes first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -131,15 +195,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    print(f"{args.model}, input 1x3x{args.size}x{args.size}, {args.repeats} timed runs after {args.warmup} "
-          f"warm-up, torch {torch.__version__}, {os.cpu_count()} CPUs visible", flush=True)
+    h, w = args.height or args.size, args.width or args.size
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
+    units = "AMX" if "amx_bf16" in flags else "AVX512_BF16" if "avx512_bf16" in flags else "no bf16 units"
+    print(f"{args.weights or args.model}, input 1x3x{h}x{w}, {args.repeats} timed runs after {args.warmup} "
+          f"warm-up, torch {torch.__version__}, {os.cpu_count()} CPUs visible; CPU {cpu} ({units})", flush=True)
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        if any(v in ("ort", "ov", "ov_fp32") for v in variants):
+            _export(args, onnx_path, h, w)
         for variant in variants:
             out_path = Path(tmp) / f"{variant}.pt"
-            cmd = [sys.executable, __file__, "--worker", variant, "--out", str(out_path),
+            cmd = [sys.executable, __file__, "--worker", variant, "--out", str(out_path), "--onnx", str(onnx_path),
                    "--model", args.model, "--num-classes", str(args.num_classes), "--size", str(args.size),
-                   "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                   "--height", str(h), "--width", str(w),
+                   "--repeats", str(args.repeats), "--warmup", str(max(args.warmup, 1)), "--threads", str(args.threads)]
+            if args.weights:
+                cmd += ["--weights", args.weights]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -153,17 +227,22 @@ def main(argv: list[str] | None = None) -> int:
     base = variants[0]
     ref = outputs[base]
     ref_max = ref.abs().max().item()
-    print(f"\n{'variant':10s} {'ran':>4s} {'wall min s':>10s} {'median s':>9s} {'cpu s':>7s} {'speed-up':>9s} "
-          f"{'cpu ratio':>9s} {'max|diff|/max|ref|':>19s} {'peak RSS MiB':>13s} {'RSS before fwd':>15s}")
+    ov_wall = results["ov"]["wall_min"] if "ov" in results else None
+    print(f"\n{'variant':10s} {'ran':>4s} {'first s':>8s} {'wall min s':>10s} {'median s':>9s} {'cpu s':>7s} "
+          f"{'speed-up':>9s} {'x ov':>6s} {'cpu ratio':>9s} {'max|diff|/max|ref|':>19s} {'peak RSS MiB':>13s} "
+          f"{'RSS before fwd':>15s}")
     for variant in variants:
         r = results[variant]
         diff = (outputs[variant] - ref).abs().max().item() / ref_max
         extra = f"  (compile {r['compile_s']:.1f} s)" if r["compile_s"] is not None else ""
-        print(f"{variant:10s} {r['precision']:>4s} {r['wall_min']:10.3f} {r['wall_median']:9.3f} {r['cpu_min']:7.2f} "
-              f"{results[base]['wall_min'] / r['wall_min']:8.2f}x {results[base]['cpu_min'] / r['cpu_min']:8.2f}x "
+        vs_ov = f"{ov_wall / r['wall_min']:5.2f}x" if ov_wall else "     -"
+        print(f"{variant:10s} {r['precision']:>4s} {r['first_s']:8.2f} {r['wall_min']:10.3f} {r['wall_median']:9.3f} "
+              f"{r['cpu_min']:7.2f} {results[base]['wall_min'] / r['wall_min']:8.2f}x {vs_ov} "
+              f"{results[base]['cpu_min'] / r['cpu_min']:8.2f}x "
               f"{diff:19.2e} {r['peak_rss_mib']:13.0f} {r['rss_setup_mib']:15.0f}{extra}")
-    print(f"\nspeed-up = {base} wall time / variant wall time (min over runs); cpu ratio uses process CPU "
-          "time, steadier when other jobs share the cores. Goal for 'fast': >= 8x.")
+    print(f"\nspeed-up = {base} wall time / variant wall time (min over runs); x ov = OpenVINO's wall time / the "
+          "variant's (above 1: faster than OpenVINO); cpu ratio uses process CPU time, steadier when other jobs "
+          "share the cores. compile = torch.compile or OpenVINO's compile_model, not in 'first s'.")
     return 0
 
 

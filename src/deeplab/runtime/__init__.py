@@ -93,8 +93,9 @@ class Predictor:
         threads: CPU threads for the runtime (None: its default).
 
     Attributes:
-        metadata: the graph's ``metadata_props`` (JSON-decoded).
-        num_classes, class_names, palette, normalization, align_corners, logits_stride.
+        metadata: the graph's ``metadata_props`` (JSON-decoded), from which ``num_classes``,
+            ``class_names``, ``palette``, ``normalization``, ``align_corners`` and
+            ``logits_stride`` are read into attributes of those names.
     """
 
     def __init__(self, path: str | os.PathLike[str], backend: str = "onnxruntime", *, precision: str = "auto",
