@@ -315,7 +315,6 @@ def _weights_metadata(cfg: TrainConfig, model: nn.Module, dataset: Any, num_clas
     return meta
 
 
-
 def stage_settings(cfg: TrainConfig, iteration: int) -> tuple[int | None, float]:
     """``(output_stride, lovasz_weight)`` in force at ``iteration``: the run's, replaced by each
     stage whose ``start`` it has reached (in order)."""
