@@ -163,3 +163,11 @@ def test_camvid_end_to_end(camvid_root):
         cm.update(e["pred"], mask)
     assert cm.mat.tolist() == r["confusion_matrix"]
     assert 0.0 <= r["miou"] <= 1.0 and r["num_pixels"] > 0.9 * 2 * 360 * 480
+
+
+def test_progress_bar_ends_at_n_of_n(capsys):
+    # It used to stop at N-1 of N: the bar wrapped the loader inside zip(indices, ...).
+    ds = colour_dataset()
+    evaluate(ColourOracle().eval(), ds, normalization=CAFFE, optimize=False, precision="fp32", progress=True)
+    err = capsys.readouterr().err
+    assert f"{len(ds)}/{len(ds)}" in err, err

@@ -14,6 +14,9 @@ from pathlib import Path
 
 # The files a folder argument of segment and crf picks up (read_image decodes each to RGB).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# The files a folder argument of segment picks up as videos (decoded by PyAV, deeplab.engine.video).
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".mts",
+                  ".m2ts", ".flv", ".wmv", ".3gp", ".ogv")
 
 
 def parse_scales(text: str | None) -> tuple[float, ...] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,12 +35,15 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> DistInfo:
+def init_distributed(device_type: str, *, timeout: timedelta | None = None) -> DistInfo:
     """Join the process group described by the environment (``torchrun``), if any.
 
     Args:
         device_type: ``"cpu"`` (gloo backend) or ``"cuda"`` (NCCL; sets the current device to
             ``LOCAL_RANK``).
+        timeout: how long a collective waits for the other processes (None: PyTorch's default,
+            30 minutes for gloo); ``deeplab segment`` waits at the end for the process with the
+            longest share.
 
     Returns:
         This process's :class:`DistInfo` (rank 0 of 1 without ``WORLD_SIZE``).
@@ -53,7 +57,7 @@ def init_distributed(device_type: str) -> DistInfo:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **({} if timeout is None else {"timeout": timeout}))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 

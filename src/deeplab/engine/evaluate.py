@@ -189,10 +189,13 @@ def evaluate(
     worst: list[tuple[float, int, dict]] = []  # min-heap on -miou: the worst k
     # Worker errors (a bad sample) keep their own one-paragraph message.
     it: Any = iter_loader(loader)
+    bar = None
     if progress and _is_main():
         from tqdm import tqdm
 
-        it = tqdm(it, total=len(local), desc="eval", unit="img")
+        # Updated by hand after each image: a tqdm wrapped around the loader inside
+        # zip(local, ...) was never asked for the item after the last and stopped at N-1 of N.
+        bar = tqdm(total=len(local), desc="eval", unit="img")
     t0 = time.perf_counter()
     for index, (image, mask) in zip(local, it):
         image = np.asarray(image)
@@ -234,6 +237,10 @@ def evaluate(
                     heapq.heappush(heap, item)
                 elif item[:2] > heap[0][:2]:
                     heapq.heapreplace(heap, item)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     cm.all_reduce()  # also waits for the slowest process: the time below is the whole run's
     seconds = time.perf_counter() - t0
     result = metrics_from_matrix(cm.mat)

@@ -189,6 +189,7 @@ def overlay(
     *,
     alpha: float = 0.5,
     legend: bool = True,
+    legend_classes: Sequence[int] | None = None,
 ) -> np.ndarray:
     """The image blended with its label colours, with a legend of the classes present.
 
@@ -199,6 +200,9 @@ def overlay(
         class_names: names for the legend (None: no legend).
         alpha: weight of the colours (0: image only, 1: colours only).
         legend: draw the legend box in the top-left corner.
+        legend_classes: the classes the legend lists, in order (None: those present in
+            ``labels``). A video passes the classes seen so far, so that its legend does not
+            jump from frame to frame.
 
     Returns:
         uint8 (H,W,3) RGB.
@@ -215,7 +219,10 @@ def overlay(
     out = np.where(valid[..., None], blend, out).round().clip(0, 255).astype(np.uint8)
     if not legend or class_names is None:
         return out
-    present = [int(c) for c in np.unique(labels[valid])]
+    if legend_classes is None:
+        present = [int(c) for c in np.unique(labels[valid])]
+    else:
+        present = [int(c) for c in legend_classes if 0 <= int(c) < len(palette)]
     if not present:
         return out
     h, w = out.shape[:2]
