@@ -60,6 +60,14 @@ def add_msc_arguments(parser: argparse.ArgumentParser) -> None:
                              "unset: the model family's own")
 
 
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """``--backend``, shared by segment, eval and crf-search."""
+    parser.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                        help="what runs the network: PyTorch, or the exported ONNX graph (--weights X.onnx, or any "
+                             "weights, exported once into ~/.cache/deeplab/onnx) on ONNX Runtime or OpenVINO; "
+                             "the pre- and post-processing are the same")
+
+
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     """``--precision``, shared by segment, eval and crf-search."""
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from deeplab.cli.common import (
+    add_backend_argument,
     add_input_scale_argument,
     add_msc_arguments,
     add_precision_argument,
@@ -66,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_input_scale_argument(parser)
     parser.add_argument("--flip", action="store_true", help="flip averaging when computing probabilities")
     add_precision_argument(parser)
+    add_backend_argument(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (network and CRF)")
     parser.add_argument("--bi-w", type=parse_range, default="3:1:6",
                         metavar="RANGE", help="bilateral weight w1 values: start:step:stop or a list")
@@ -158,11 +160,11 @@ def run(args: argparse.Namespace) -> int:
         source = str(args.probs)
     else:
         from deeplab.engine.inference import predict_probs
-        from deeplab.engine.segment import load_bundle
+        from deeplab.engine.backends import load_backend_bundle
 
         try:
-            bundle = load_bundle(args.weights, model_name=args.model, precision=args.precision,
-                                 device=device)
+            bundle = load_backend_bundle(args.weights, backend=args.backend, model_name=args.model,
+                                         precision=args.precision, device=device)
         except (FileNotFoundError, ValueError) as e:
             return report_error(str(e))
         if bundle.num_classes != dataset.num_classes:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from deeplab.cli.common import (
+    add_backend_argument,
     add_input_scale_argument,
     add_msc_arguments,
     add_precision_argument,
@@ -92,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, default=None, metavar="DIR",
                         help="write an HTML report (index.html) into DIR")
     add_precision_argument(parser)
+    add_backend_argument(parser)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
@@ -159,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     from deeplab.engine.distributed import cleanup, init_distributed
     from deeplab.engine.evaluate import evaluate
     from deeplab.engine.inference import model_msc_fusion
-    from deeplab.engine.segment import check_device, load_bundle
+    from deeplab.engine.backends import load_backend_bundle
+    from deeplab.engine.segment import check_device
 
     try:
         device = check_device(args.device)
@@ -169,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     if len(dataset) == 0:
         return report_error(f"split {args.split!r} of {args.dataset} at {args.data_root} holds no images")
     try:
-        bundle = load_bundle(args.weights, model_name=args.model, precision=args.precision, device=device)
+        bundle = load_backend_bundle(args.weights, backend=args.backend, model_name=args.model,
+                                     precision=args.precision, device=device)
     except (FileNotFoundError, ValueError) as e:
         return report_error(str(e))
     if bundle.num_classes != dataset.num_classes:
@@ -236,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
         "crf": crf_params if args.crf else None,
         "sliding_window": args.sliding_window,
         "overlap": args.overlap if args.sliding_window else None,
-        "precision": bundle.precision,
+        "precision": bundle.metadata.get("backend_precision", bundle.precision),
+        "backend": args.backend,
         "device": args.device,
         "limit": args.limit,
         "world_size": info.world_size,

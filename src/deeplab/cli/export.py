@@ -78,9 +78,8 @@ def run(args: argparse.Namespace) -> int:
     """Export the model; returns the exit status."""
     import torch
 
-    from deeplab.engine.inference import model_align_corners
     from deeplab.weights import export_onnx
-    from deeplab.weights.onnx_export import check_opset
+    from deeplab.weights.onnx_export import check_opset, onnx_metadata
 
     try:
         if args.height < 1 or args.width < 1:
@@ -90,13 +89,7 @@ def run(args: argparse.Namespace) -> int:
         if reason:
             raise ValueError(f"--out: {reason}")
         model, metadata = _build(args)
-        # What deeplab.runtime needs to pre- and post-process as deeplab segment does.
-        keep = ("model", "num_classes", "class_names", "palette", "normalization", "model_kwargs", "crf",
-                "input_scale")
-        props = {k: metadata[k] for k in keep if k in metadata}
-        props["output_stride"] = model.output_stride
-        props["logits_stride"] = getattr(model, "logits_stride", model.output_stride)
-        props["align_corners"] = model_align_corners(model)
+        props = onnx_metadata(model, metadata)
         t0 = time.perf_counter()
         try:
             export_onnx(model, args.out, height=args.height, width=args.width, opset=args.opset,

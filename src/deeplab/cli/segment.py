@@ -38,6 +38,7 @@ from typing import Any
 from deeplab.cli.common import (
     IMAGE_SUFFIXES,
     VIDEO_SUFFIXES,
+    add_backend_argument,
     add_input_scale_argument,
     add_msc_arguments,
     add_precision_argument,
@@ -106,6 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", action="store_true", help="also average the mirrored image")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each process its LOCAL_RANK's GPU)")
     add_precision_argument(parser)
+    add_backend_argument(parser)
     parser.add_argument("--batch", type=int, default=1,
                         help="images or video frames per forward pass (consecutive ones of one size)")
     parser.add_argument("--save-probs", action="store_true",
@@ -542,7 +544,8 @@ def run(args: argparse.Namespace) -> int:
     from deeplab.data.io import DEFAULT_MAX_PIXELS as DEFAULT_IMAGE_PIXELS
     from deeplab.engine.distributed import cleanup, init_distributed
     from deeplab.engine.inference import DEFAULT_MAX_PIXELS
-    from deeplab.engine.segment import check_device, load_bundle
+    from deeplab.engine.backends import load_backend_bundle
+    from deeplab.engine.segment import check_device
 
     try:
         device = check_device(args.device)
@@ -553,7 +556,8 @@ def run(args: argparse.Namespace) -> int:
     if device.startswith("cuda") and info.is_distributed:
         device = f"cuda:{info.local_rank}"
     try:
-        bundle = load_bundle(args.weights, model_name=args.model, precision=args.precision, device=device)
+        bundle = load_backend_bundle(args.weights, backend=args.backend, model_name=args.model,
+                                     precision=args.precision, device=device)
     except (FileNotFoundError, ValueError) as e:
         cleanup()
         return report_error(str(e))

@@ -93,6 +93,7 @@ class Predictor:
         threads: CPU threads for the runtime (None: its default).
 
     Attributes:
+        fixed_size: ``(height, width)`` of a graph exported without ``--dynamic``, else None.
         metadata: the graph's ``metadata_props`` (JSON-decoded), from which ``num_classes``,
             ``class_names``, ``palette``, ``normalization``, ``align_corners`` and
             ``logits_stride`` are read into attributes of those names.
@@ -139,6 +140,8 @@ class Predictor:
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
+        dims = session.get_inputs()[0].shape[-2:]
+        self.fixed_size = tuple(dims) if all(isinstance(d, int) for d in dims) else None
 
         def run(x: np.ndarray) -> np.ndarray:
             return session.run(None, {name: x})[0]
@@ -159,6 +162,8 @@ class Predictor:
             config["INFERENCE_NUM_THREADS"] = threads
         if self.precision == "fp32":
             config["INFERENCE_PRECISION_HINT"] = "f32"
+        dims = model.input(0).get_partial_shape()[2:]
+        self.fixed_size = (dims[0].get_length(), dims[1].get_length()) if dims.is_static else None
         compiled = core.compile_model(model, "CPU", config)
         request = compiled.create_infer_request()
 

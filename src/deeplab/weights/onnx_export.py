@@ -23,7 +23,20 @@ from torch import nn
 
 from deeplab.fileio import atomic_path
 
-__all__ = ["check_opset", "export_onnx", "supported_opsets"]
+__all__ = ["check_opset", "export_onnx", "onnx_metadata", "supported_opsets"]
+
+# What deeplab.runtime needs to pre- and post-process as deeplab segment does.
+_KEEP = ("model", "num_classes", "class_names", "palette", "normalization", "model_kwargs", "crf", "input_scale")
+
+
+def onnx_metadata(model: nn.Module, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``metadata_props`` of an exported graph: the weights' metadata a consumer needs, and
+    how the logits are upsampled (``output_stride``, ``logits_stride``, ``align_corners``)."""
+    props = {k: metadata[k] for k in _KEEP if k in metadata}
+    props["output_stride"] = model.output_stride
+    props["logits_stride"] = getattr(model, "logits_stride", model.output_stride)
+    props["align_corners"] = bool(getattr(model, "align_corners", True))  # v1 / v2: Caffe's Interp
+    return props
 
 
 def supported_opsets() -> range:
