@@ -3,6 +3,7 @@ post-processing, the same pixels as PyTorch in fp32 (reference: the torch backen
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -13,13 +14,24 @@ from PIL import Image
 
 from _evaluation_helpers import random_dataset, run_cli, tiny_weights, write_folder_dataset
 
+
+def _cli(argv: list[str]) -> int:
+    """OpenVINO runs in a child process: loaded into the long-lived pytest process beside torch,
+    ONNX Runtime and the other tests' libraries, it made a later, unrelated test crash
+    (segmentation fault) in 1 of 3 full runs; a CLI process is short-lived."""
+    if "openvino" not in argv:
+        return run_cli(argv)
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "deeplab", *argv], capture_output=True, text=True,
+                          timeout=600).returncode
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
-try:
-    import openvino  # noqa: F401
-    _RUNTIMES = ["onnxruntime", "openvino"]
-except ImportError:  # an optional extra; CI installs it with .[dev]
-    if os.environ.get("CI"):
-        raise
+# Looked up, not imported: OpenVINO only ever runs in child processes here (see _cli).
+_RUNTIMES = ["onnxruntime", "openvino"]
+if importlib.util.find_spec("openvino") is None:  # an optional extra; CI installs it with .[dev]
+    assert not os.environ.get("CI"), "CI installs .[dev], which includes openvino"
     _RUNTIMES = ["onnxruntime"]
 
 
@@ -32,7 +44,7 @@ def _cache(tmp_path, monkeypatch):
 def test_segment_labels_equal_the_torch_backend(camvid_root, tmp_path, backend):
     image = sorted((camvid_root / "val").glob("*.png"))[0]
     assert run_cli(["segment", str(image), "--out", str(tmp_path / "torch"), "--precision", "fp32"]) == 0
-    assert run_cli(["segment", str(image), "--out", str(tmp_path / backend), "--precision", "fp32",
+    assert _cli(["segment", str(image), "--out", str(tmp_path / backend), "--precision", "fp32",
                     "--backend", backend, "--flip"]) == 0
     assert run_cli(["segment", str(image), "--out", str(tmp_path / "torchflip"), "--precision", "fp32", "--flip"]) == 0
     ours = np.asarray(Image.open(tmp_path / backend / f"{image.stem}.png"))
@@ -41,7 +53,7 @@ def test_segment_labels_equal_the_torch_backend(camvid_root, tmp_path, backend):
     cached = list((tmp_path / "cache" / "deeplab" / "onnx").glob("*.onnx"))
     assert len(cached) == 1  # exported once, then reused
     stamp = cached[0].stat().st_mtime_ns
-    assert run_cli(["segment", str(image), "--out", str(tmp_path / "again"), "--backend", backend]) == 0
+    assert _cli(["segment", str(image), "--out", str(tmp_path / "again"), "--backend", backend]) == 0
     assert cached[0].stat().st_mtime_ns == stamp
 
 
@@ -52,7 +64,7 @@ def test_eval_equals_the_torch_backend(tmp_path, backend):
     results = {}
     for name in ("torch", backend):
         out = tmp_path / f"{name}.json"
-        assert run_cli(["eval", "--dataset", "folder", "--data-root", str(data), "--split", "all", "--weights",
+        assert _cli(["eval", "--dataset", "folder", "--data-root", str(data), "--split", "all", "--weights",
                         str(weights), "--precision", "fp32", "--backend", name, "--msc", "0.75", "--json",
                         str(out)]) == 0
         results[name] = json.loads(out.read_text())
