@@ -23,6 +23,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("deeplab.cli.convert", "convert Caffe / PyTorch weights to the project's safetensors"),
     "export": ("deeplab.cli.export", "export a model to ONNX"),
     "models": ("deeplab.cli.models", "list the model names build_model accepts"),
+    "serve": ("deeplab.cli.serve", "serve a model over HTTP: a JSON API and a page to try it in a browser"),
 }
 
 
