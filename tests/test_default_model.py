@@ -118,3 +118,28 @@ def test_default_model_batch_norm_holds_whole_train_image_statistics(camvid_root
     assert ((bn.running_mean.double() - mean).abs() / var.sqrt()).max() < 0.01
     rel = (bn.running_var.double() - var).abs() / var
     assert rel.median() < 0.01 and rel.max() < 0.05
+
+
+def test_packaged_models_are_named_by_short_name(tmp_path, monkeypatch):
+    from deeplab.weights import PACKAGED_WEIGHTS, resolve_weights
+
+    assert resolve_weights(None) == default_weights_path()
+    assert resolve_weights("camvid-v2") == default_weights_path()  # today's default is the v2 model
+    assert read_metadata(resolve_weights("camvid-v2"))["model"] == "deeplab_v2_resnet18"
+    assert set(PACKAGED_WEIGHTS) >= {"camvid-v2"}
+    # A file of that name in the working directory is the user's, and wins.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "camvid-v2").write_bytes(b"mine")
+    assert resolve_weights("camvid-v2") == Path("camvid-v2")
+    assert resolve_weights("other.safetensors") == Path("other.safetensors")
+
+
+def test_segment_takes_the_packaged_name(camvid_root, tmp_path):
+    from _evaluation_helpers import run_cli
+
+    frame = camvid_root / "val" / "0016E5_07959.png"
+    assert run_cli(["segment", str(frame), "--out", str(tmp_path / "a")]) == 0
+    assert run_cli(["segment", str(frame), "--out", str(tmp_path / "b"), "--weights", "camvid-v2"]) == 0
+    name = f"{frame.stem}.png"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert run_cli(["segment", str(frame), "--out", str(tmp_path / "c"), "--weights", "camvid-v9"]) != 0

@@ -8,11 +8,13 @@ model is served in test_serve_page.py.
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -130,3 +132,48 @@ def test_killed_mid_load_the_clients_get_errors_and_a_restart_serves_again(setup
         assert status == 200 and body == expected
     finally:
         restarted.stop()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_runtime_backend_serves_the_same_labels_as_torch(setup, backend):
+    """--backend runs the exported graph (exported once into the cache); two workers share it.
+    Reference: the torch backend in fp32, through `deeplab segment` (the module's fixture)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec(backend) is None:  # optional extras; CI installs both with .[dev]
+        assert not os.environ.get("CI"), f"CI installs .[dev], which includes {backend}"
+        pytest.skip(f"{backend} is not installed")
+    root, weights, cases = setup
+    images = sorted((root / "images").glob("*.png"))
+    reference = root / "segment_fp32"
+    if not reference.is_dir():
+        assert run_cli(["segment", str(root / "images"), "--out", str(reference), "--weights", str(weights),
+                        "--precision", "fp32"]) == 0
+    cases = [(p.read_bytes(), np.asarray(Image.open(reference / f"{p.stem}.png"))) for p in images]
+    server = LiveServer(["--weights", str(weights), "--backend", backend, "--precision", "fp32", "--workers", "2",
+                         "--max-batch", "4"], free_port(), root / f"{backend}.log",
+                        env={"XDG_CACHE_HOME": str(root / f"cache-{backend}")})
+    server.wait_ready()
+    try:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(server.url + "/v1/model", timeout=10) as r:
+            info = json.load(r)
+        assert info["backend"] == backend and info["precision"] == "fp32"
+
+        def one(i: int):
+            data, expected = cases[i % len(cases)]
+            status, _, body = post_image(server.url, data, timeout=60)
+            if status != 200:
+                return status, False
+            # fp32 on both sides; the runtimes' kernels may sum in another order: a pixel in 10,000
+            return status, (np.asarray(Image.open(io.BytesIO(body))) != expected).mean() <= 1e-4
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(one, range(24)))
+        assert [s for s, _ in results] == [200] * 24
+        assert all(ok for _, ok in results), f"{sum(not ok for _, ok in results)} answers differ from torch's"
+    finally:
+        server.stop()

@@ -61,7 +61,7 @@ def add_msc_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_backend_argument(parser: argparse.ArgumentParser) -> None:
-    """``--backend``, shared by segment, eval and crf-search."""
+    """``--backend``, shared by segment, eval, crf-search and serve."""
     parser.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",
                         help="what runs the network: PyTorch, or the exported ONNX graph (--weights X.onnx, or any "
                              "weights, exported once into ~/.cache/deeplab/onnx) on ONNX Runtime or OpenVINO; "

@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", required=True, type=Path, help="the data set's root folder")
     parser.add_argument("--split", default="val", help="split to evaluate")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="weights .safetensors; without it, the packaged default model")
+                        help="weights .safetensors (or .onnx with --backend), or a packaged model by name (camvid-v2); "
+                             "without it, the packaged default model")
     parser.add_argument("--model", default=None,
                         help="expected model name (checked against the weights' metadata)")
     add_msc_arguments(parser)

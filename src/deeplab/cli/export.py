@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model name; taken from the weights' metadata when omitted (required for .pth/.caffemodel)")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="weights file; the packaged default model when omitted")
+                        help="weights file, or a packaged model by name (camvid-v2); the packaged default model when omitted")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="class count, for weights without metadata; read from the classifier when omitted")
     parser.add_argument("--out", type=Path, required=True, help="destination .onnx file")
@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _build(args: argparse.Namespace):
-    from deeplab.weights import build_from_weights, default_weights_path, read_metadata, weights_format
+    from deeplab.weights import build_from_weights, read_metadata, resolve_weights, weights_format
 
-    weights = args.weights if args.weights is not None else default_weights_path()
+    weights = resolve_weights(args.weights)
     if not weights.is_file():
         raise FileNotFoundError(f"weights file not found: {weights}")
     metadata = read_metadata(weights)

@@ -98,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image or video files, folders of them or glob patterns")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="weights .safetensors; without it, the packaged default model")
+                        help="weights .safetensors (or .onnx with --backend), or a packaged model by name (camvid-v2); "
+                             "without it, the packaged default model")
     parser.add_argument("--model", default=None,
                         help="expected model name (checked against the weights' metadata)")
     parser.add_argument("--crf", action="store_true", help="refine with the fully connected CRF")

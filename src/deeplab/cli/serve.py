@@ -16,6 +16,7 @@ DEEPLAB_API_KEY, which keeps the key out of the process list) the API and the me
 Examples:
   deeplab serve
   deeplab serve --weights my_model.safetensors --port 8080 --max-upload-mb 10
+  deeplab serve --backend openvino          # the exported graph on OpenVINO (pip install 'deeplab[openvino]')
   DEEPLAB_API_KEY=s3cret deeplab serve --host 0.0.0.0 --workers 2 --cors-origin https://app.example.org
 """
 
@@ -27,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-from deeplab.cli.common import add_precision_argument, report_error
+from deeplab.cli.common import add_backend_argument, add_precision_argument, report_error
 
 #: The environment variable that holds the API key when --api-key is not given.
 API_KEY_ENV = "DEEPLAB_API_KEY"
@@ -48,7 +49,8 @@ def _bounded(flag: str, kind: type, low: float, example: str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=None,
-                        help="weights .safetensors; without it, the packaged default model")
+                        help="weights .safetensors (or .onnx with --backend), or a packaged model by name (camvid-v2); "
+                             "without it, the packaged default model")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (0.0.0.0: every interface; then set an API key)")
     parser.add_argument("--port", type=_bounded("--port", int, 0, "8000"), default=8000,
@@ -77,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let pages of ORIGIN (e.g. https://app.example.org) call the API from a browser; "
                         "repeat for more; unset: CORS off")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_backend_argument(parser)
     add_precision_argument(parser)
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="uvicorn's log level (info: one line per request)")
@@ -107,12 +110,12 @@ def run(args: argparse.Namespace) -> int:
             return report_error(f"--cors-origin {origin!r}: expected an origin such as https://app.example.org")
 
     from deeplab.engine.inference import DEFAULT_MAX_PIXELS
-    from deeplab.engine.segment import load_bundle
+    from deeplab.engine.backends import load_backend_bundle
     from deeplab.serve import ServeConfig, create_app
     from deeplab.serve.app import DEFAULT_SERVE_IMAGE_PIXELS
 
     try:
-        bundle = load_bundle(args.weights, precision=args.precision, device=args.device)
+        bundle = load_backend_bundle(args.weights, backend=args.backend, precision=args.precision, device=args.device)
     except (FileNotFoundError, ValueError) as e:
         return report_error(str(e))
     config = ServeConfig(
@@ -130,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host} without an API key: anyone who reaches this port can use the "
               f"model; set {API_KEY_ENV} or --api-key", file=sys.stderr)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {bundle.name} ({bundle.num_classes} classes, {bundle.precision}, {args.workers} worker(s), "
+    engine = bundle.precision if args.backend == "torch" else f"{args.backend}, {bundle.metadata['backend_precision']}"
+    print(f"serving {bundle.name} ({bundle.num_classes} classes, {engine}, {args.workers} worker(s), "
           f"batches of up to {args.max_batch}) on http://{shown}:{args.port}/"
           f"{' (API key required)' if api_key else ''}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10,

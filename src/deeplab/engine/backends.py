@@ -98,9 +98,9 @@ def load_backend_bundle(weights: str | os.PathLike | None, *, backend: str = "to
     if check_device(device) != "cpu":
         raise ValueError(f"--backend {backend} runs on the CPU: drop --device {device} or use --backend torch")
     from deeplab.runtime import Predictor
-    from deeplab.weights import default_weights_path
+    from deeplab.weights import resolve_weights
 
-    path = Path(weights) if weights is not None else default_weights_path()
+    path = resolve_weights(weights)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found: check the path given to --weights")
     graph = path if path.suffix.lower() == ".onnx" else onnx_for_weights(path)

@@ -152,10 +152,10 @@ def load_bundle(
         FileNotFoundError: no such weights file (or no packaged default model).
         ValueError: the file holds another model than ``model_name``, or is not valid.
     """
-    from deeplab.weights import build_from_weights, default_weights_path, read_metadata
+    from deeplab.weights import build_from_weights, read_metadata, resolve_weights
 
     device = check_device(device)
-    path = Path(weights) if weights is not None else default_weights_path()
+    path = resolve_weights(weights)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found: check the path given to --weights")
     meta = read_metadata(path)
@@ -261,9 +261,9 @@ _CACHE: dict[tuple, ModelBundle] = {}
 
 def _cached_bundle(weights: str | os.PathLike | None, model_name: str | None,
                    precision: Precision, device: str) -> ModelBundle:
-    from deeplab.weights import default_weights_path
+    from deeplab.weights import resolve_weights
 
-    path = Path(weights) if weights is not None else default_weights_path()
+    path = resolve_weights(weights)
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -319,7 +319,8 @@ def segment(
         model: None (the model of ``weights``, or the packaged default model), a model name (it
             must match the one stored in ``weights``) or an ``nn.Module`` (then ``weights``,
             if given, only supplies the metadata: normalisation, classes).
-        weights: a ``.safetensors`` weights file; None for the default model.
+        weights: a ``.safetensors`` weights file, or a packaged model's short name
+            (``"camvid-v2"``); None for the default model.
         crf: refine with the fully connected CRF: True (the parameters stored with the weights,
             else ``DenseCRF``'s defaults) or a dict of ``DenseCRF`` keyword arguments.
         msc_scales: extra input scales fused with scale 1, e.g. ``(0.5, 0.75)``.

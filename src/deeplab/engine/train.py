@@ -51,6 +51,7 @@ from deeplab.engine.losses import lovasz_softmax, msc_cross_entropy, valid_weigh
 from deeplab.engine.lr_schedule import PolyLR
 from deeplab.models.inference import resolve_precision
 from deeplab.models.zoo import set_output_stride
+from deeplab.weights.default import resolve_weights
 from deeplab.weights.loading import WeightsMismatchError, apply_state_dict
 
 __all__ = [
@@ -687,7 +688,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool | str | os.PathLike, pro
     except (KeyError, ValueError) as e:
         raise TrainingError(f"cannot build model {m.name!r}: {e}") from None
     if cfg.init_weights and resume_from is None:
-        _load_init_weights(model, Path(os.path.expanduser(cfg.init_weights)), log)
+        _load_init_weights(model, resolve_weights(cfg.init_weights), log)
     # Frozen batch norm keeps statistics that only loaded weights have; a random network's are
     # mean 0 / variance 1 and must be learnt (a frozen one diverged within 8 iterations).
     freeze = m.freeze_bn if m.freeze_bn is not None else bool(cfg.init_weights)

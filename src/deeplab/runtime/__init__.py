@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,9 +166,14 @@ class Predictor:
         dims = model.input(0).get_partial_shape()[2:]
         self.fixed_size = (dims[0].get_length(), dims[1].get_length()) if dims.is_static else None
         compiled = core.compile_model(model, "CPU", config)
-        request = compiled.create_infer_request()
+        # An infer request serves one inference at a time: one per calling thread (the service's
+        # workers share this predictor). infer() copies its outputs (share_outputs=False).
+        local = threading.local()
 
         def run(x: np.ndarray) -> np.ndarray:
+            request = getattr(local, "request", None)
+            if request is None:
+                request = local.request = compiled.create_infer_request()
             return np.asarray(request.infer({0: x})[compiled.output(0)])
 
         return run, raw

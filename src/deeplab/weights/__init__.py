@@ -10,7 +10,7 @@ Imports stay light: torch and numpy only (never ``engine`` or ``cli``).
 from __future__ import annotations
 
 from deeplab.weights.caffe import CaffeLayer, CaffeModelError, read_caffemodel, write_caffemodel
-from deeplab.weights.default import default_weights_path
+from deeplab.weights.default import PACKAGED_WEIGHTS, default_weights_path, packaged_weights_path, resolve_weights
 from deeplab.weights.loading import (
     LoadResult,
     apply_state_dict,
@@ -48,4 +48,7 @@ __all__ = [
     "CaffeLayer",
     "CaffeModelError",
     "default_weights_path",
+    "packaged_weights_path",
+    "PACKAGED_WEIGHTS",
+    "resolve_weights",
 ]
