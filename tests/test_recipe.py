@@ -111,3 +111,38 @@ def test_frozen_bn_without_weights_is_named_as_the_cause(camvid_root, tmp_path, 
         train(parse_config(cfg), tmp_path / "run", progress=False)
     assert "no init_weights are loaded: batch norm stays at its initial statistics" in capsys.readouterr().err
     np.testing.assert_equal(parse_config(_recipe(root)).model.freeze_bn, None)
+
+
+def test_package_makes_one_file_whose_card_figures_are_its_own(camvid_root, tmp_path, capsys):
+    """`deeplab package RUN`: float16 weights, the run's record, and figures equal to what
+    `deeplab eval` measures on the written file; an unfinished run is refused with the fix."""
+    from _evaluation_helpers import run_cli
+
+    root = _subset(camvid_root, tmp_path / "camvid")
+    train(parse_config(_recipe(root, stages=[], averaging={"start": None, "recalibrate_bn": False})),
+          tmp_path / "run", progress=False)
+    out = tmp_path / "model.safetensors"
+    assert run_cli(["package", str(tmp_path / "run"), "--out", str(out), "--output-stride", "8",
+                    "--split", "train", "--data-root", str(root), "--precision", "fp32"]) == 0
+    meta = read_metadata(out)
+    assert meta["model_kwargs"]["output_stride"] == 8 and meta["record"]["iterations"] == 8
+    assert meta["record"]["config"]["model"]["name"] == "deeplab_v3plus_resnet18"
+    stored = load_file(str(out))
+    assert {t.dtype for k, t in stored.items() if k.endswith(".weight") and t.dim() == 4} == {torch.float16}
+    figures = meta["record"]["figures"]
+    capsys.readouterr()
+    for name, extra in (("plain", []), ("flip", ["--flip"]), ("crf", ["--crf"])):
+        assert run_cli(["eval", "--weights", str(out), "--dataset", "camvid", "--data-root", str(root),
+                        "--split", "train", "--precision", "fp32", "--json", str(tmp_path / f"{name}.json"),
+                        *extra]) == 0
+        measured = json.loads((tmp_path / f"{name}.json").read_text())
+        assert figures[name]["miou"] == pytest.approx(100 * measured["miou"], abs=0.006), name
+
+    # Stopped before its last iteration: refused, naming the resume command.
+    shutil.copytree(tmp_path / "run", tmp_path / "stopped")
+    cfg = yaml.safe_load((tmp_path / "stopped" / "config.yaml").read_text())
+    cfg["solver"]["max_iter"] = 12
+    (tmp_path / "stopped" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_cli(["package", str(tmp_path / "stopped"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "stopped at iteration 8 of 12" in err and "--resume" in err and not (tmp_path / "x.safetensors").exists()

@@ -22,6 +22,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "average-weights": ("deeplab.cli.average_weights", "average checkpoints of one network (SWA, model soups)"),
     "convert": ("deeplab.cli.convert", "convert Caffe / PyTorch weights to the project's safetensors"),
     "export": ("deeplab.cli.export", "export a model to ONNX"),
+    "package": ("deeplab.cli.package", "package a finished training run as one weights file with its card's figures"),
     "models": ("deeplab.cli.models", "list the model names build_model accepts"),
     "serve": ("deeplab.cli.serve", "serve a model over HTTP: a JSON API and a page to try it in a browser"),
 }
