@@ -227,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     names = list(dataset.class_names)
+    if args.backend != "torch":  # the engine's wrapper runs in fp32; the graph in what the runtime chose
+        result["precision"] = f"{args.backend}, {bundle.metadata['backend_precision']}"
     print(format_table(result, names))
     settings = {
         "dataset": args.dataset,

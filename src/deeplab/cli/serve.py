@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest decoded image, width x height, checked before decoding (413 above); "
                         "unset: 40,000,000")
     parser.add_argument("--max-pixels", type=_bounded("--max-pixels", int, 1, "6000000"), default=None,
-                        metavar="N", help="larger images are downscaled for the network, as deeplab segment "
+                        metavar="N", help="larger images are downscaled for the network, as with segment's "
                         "--max-pixels (the answers stay full size); unset: 6,000,000")
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help=f"require 'Authorization: Bearer KEY' on the API and the metrics; unset: the "
