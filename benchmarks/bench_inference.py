@@ -18,6 +18,12 @@ Variants:
   ov         that ONNX graph run by OpenVINO directly (core.compile_model, LATENCY hint, its own
              precision choice: bf16 on CPUs with bf16 units); the ratio column is against it
   ov_fp32    OpenVINO with INFERENCE_PRECISION_HINT f32
+  ort_int8   the ONNX graph quantized to int8 as 'deeplab export --int8' does (NNCF, QDQ), on ONNX Runtime
+  ov_int8    that int8 graph on OpenVINO (its default hint: what is not int8 runs in bf16 where it can)
+The int8 graph is built once per run, calibrated on --calibration-images images of --calibration
+(a folder, e.g. CamVid train), or without it on as many seeded uniform-noise images: their speed
+does not depend on the calibration, their accuracy does (measure it with deeplab eval, not with
+this benchmark's random input; see docs/deployment.md).
 The first call (oneDNN / OpenVINO set-up; for ov the compile_model time is apart) is printed in
 its own column and not counted in the timed runs.
 
@@ -28,6 +34,9 @@ Examples:
   # the issue's two settings, every backend, ratios to OpenVINO:
   python benchmarks/bench_inference.py --variants fp32,fast,ort,ov,ov_fp32 --repeats 5
   python benchmarks/bench_inference.py --weights default --height 360 --width 480 --variants fp32,fast,ort,ov,ov_fp32 --repeats 5
+  # int8 (needs nncf: pip install 'deeplab[int8]'):
+  python benchmarks/bench_inference.py --weights default --height 360 --width 480 \
+      --variants fast,ov,ov_int8,ort,ort_int8 --repeats 5 --calibration ../shared/data/camvid_segnet/train
 Run it under the shared lock: flock /tmp/deeplab-bench.lock python benchmarks/bench_inference.py
 """
 
@@ -44,7 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("fp32", "fast", "fast_bf16", "fast_fp32", "autocast", "compile", "ort", "ov", "ov_fp32")
+VARIANTS = ("fp32", "fast", "fast_bf16", "fast_fp32", "autocast", "compile", "ort", "ov", "ov_fp32", "ort_int8",
+            "ov_int8")
 
 
 def _rss_mib() -> float:
@@ -93,15 +103,17 @@ def _worker(args: argparse.Namespace) -> None:
         def forward():
             with torch.no_grad(), autocast("cpu", "bf16"):
                 return model(x)
-    elif variant == "ort":
+    elif variant in ("ort", "ort_int8"):
         import onnxruntime as ort
 
         session = ort.InferenceSession(args.onnx, providers=["CPUExecutionProvider"])
         xn = x.numpy()
 
+        ran = "int8" if variant == "ort_int8" else ran
+
         def forward():
             return torch.from_numpy(session.run(None, {"image": xn})[0])
-    elif variant in ("ov", "ov_fp32"):
+    elif variant in ("ov", "ov_fp32", "ov_int8"):
         import openvino as ov
 
         config = {"PERFORMANCE_HINT": "LATENCY"}
@@ -113,6 +125,7 @@ def _worker(args: argparse.Namespace) -> None:
         request = compiled.create_infer_request()
         hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
         ran = "bf16" if "bf" in hint else "fp32" if ("f32" in hint or "float32" in hint) else hint
+        ran = "int8" if variant == "ov_int8" else ran
         xn = x.numpy()
 
         def forward():
@@ -150,20 +163,46 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace, path: Path, h: int, w: int) -> None:
-    """The same weights (seed 0) as the workers build, exported at the benchmark's input size."""
+    """The same weights (seed 0) as the workers build, exported at the benchmark's input size,
+    with the metadata the int8 quantizer reads (random weights: the v2 paper's Caffe normalisation)."""
     import torch
 
     from deeplab.models import build_model
     from deeplab.weights import export_onnx
+    from deeplab.weights.onnx_export import onnx_metadata
 
     torch.manual_seed(0)
     if args.weights:
         from deeplab.weights import build_from_weights, default_weights_path
 
-        model, _ = build_from_weights(default_weights_path() if args.weights == "default" else args.weights)
+        model, metadata = build_from_weights(default_weights_path() if args.weights == "default" else args.weights)
     else:
         model = build_model(args.model, num_classes=args.num_classes).eval()
-    export_onnx(model, path, height=h, width=w)
+        metadata = {"model": args.model, "num_classes": args.num_classes,
+                    "normalization": {"mode": "caffe_bgr", "mean": [104.008, 116.669, 122.675]}}
+    export_onnx(model, path, height=h, width=w, metadata=onnx_metadata(model, metadata))
+
+
+def _quantize(args: argparse.Namespace, fp32: Path, int8: Path, tmp: Path) -> str:
+    """The int8 graph of ``fp32``, as deeplab export --int8 builds it; returns what it was calibrated on."""
+    import numpy as np
+    from PIL import Image
+
+    from deeplab.runtime.quantize import calibration_images, quantize_int8
+
+    n = args.calibration_images
+    if args.calibration:
+        images, source = calibration_images(args.calibration, n), f"images of {args.calibration}"
+    else:
+        rng = np.random.default_rng(0)
+        images, source = [], "uniform-noise images"
+        for i in range(n):
+            images.append(tmp / f"noise{i}.png")
+            Image.fromarray(rng.integers(0, 256, (args.height or args.size, args.width or args.size, 3),
+                                         dtype=np.uint8)).save(images[-1])
+    t0 = time.perf_counter()
+    quantize_int8(fp32, int8, images)
+    return f"int8 graph calibrated on {len(images)} {source} in {time.perf_counter() - t0:.0f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,11 +220,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--variants", default="fp32,fast",
                         help=f"comma-separated, the first is the baseline; from {','.join(VARIANTS)}")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="int8 variants: folder of calibration images (default: seeded uniform noise)")
+    parser.add_argument("--calibration-images", type=int, default=8, help="int8 variants: calibration image count")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", choices=("fp32", "int8"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args)
+        return 0
+    if args.prepare:  # the graphs, in a child: a worker inherits its parent's RSS as its peak RSS at exec
+        h, w = args.height or args.size, args.width or args.size
+        fp32 = Path(args.onnx)
+        _export(args, fp32, h, w)
+        if args.prepare == "int8":
+            print(_quantize(args, fp32, Path(args.out), fp32.parent), flush=True)
         return 0
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -203,17 +253,27 @@ def main(argv: list[str] | None = None) -> int:
           f"warm-up, torch {torch.__version__}, {os.cpu_count()} CPUs visible; CPU {cpu} ({units})", flush=True)
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        if any(v in ("ort", "ov", "ov_fp32") for v in variants):
-            _export(args, onnx_path, h, w)
+        onnx_path, int8_path = Path(tmp) / "model.onnx", Path(tmp) / "model_int8.onnx"
+        common = ["--model", args.model, "--num-classes", str(args.num_classes), "--size", str(args.size),
+                  "--height", str(h), "--width", str(w)] + (["--weights", args.weights] if args.weights else [])
+        if any(v.startswith(("ort", "ov")) for v in variants):
+            int8 = any(v.endswith("_int8") for v in variants)
+            cmd = [sys.executable, __file__, "--prepare", "int8" if int8 else "fp32", "--onnx", str(onnx_path),
+                   "--out", str(int8_path), *common, "--calibration-images", str(args.calibration_images)]
+            if args.calibration:
+                cmd += ["--calibration", str(args.calibration)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"error: exporting the ONNX graph failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                return 1
+            if int8:
+                print(proc.stdout.strip().splitlines()[-1], flush=True)
         for variant in variants:
             out_path = Path(tmp) / f"{variant}.pt"
-            cmd = [sys.executable, __file__, "--worker", variant, "--out", str(out_path), "--onnx", str(onnx_path),
-                   "--model", args.model, "--num-classes", str(args.num_classes), "--size", str(args.size),
-                   "--height", str(h), "--width", str(w),
-                   "--repeats", str(args.repeats), "--warmup", str(max(args.warmup, 1)), "--threads", str(args.threads)]
-            if args.weights:
-                cmd += ["--weights", args.weights]
+            graph = int8_path if variant.endswith("_int8") else onnx_path
+            cmd = [sys.executable, __file__, "--worker", variant, "--out", str(out_path), "--onnx", str(graph),
+                   *common, "--repeats", str(args.repeats), "--warmup", str(max(args.warmup, 1)),
+                   "--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -234,15 +294,20 @@ def main(argv: list[str] | None = None) -> int:
     for variant in variants:
         r = results[variant]
         diff = (outputs[variant] - ref).abs().max().item() / ref_max
+        # int8 scales come from the calibration images, not from this random input: no accuracy figure
+        diff_text = f"{diff:19.2e}" if not variant.endswith("_int8") or base.endswith("_int8") else f"{'-':>19s}"
         extra = f"  (compile {r['compile_s']:.1f} s)" if r["compile_s"] is not None else ""
         vs_ov = f"{ov_wall / r['wall_min']:5.2f}x" if ov_wall else "     -"
         print(f"{variant:10s} {r['precision']:>4s} {r['first_s']:8.2f} {r['wall_min']:10.3f} {r['wall_median']:9.3f} "
               f"{r['cpu_min']:7.2f} {results[base]['wall_min'] / r['wall_min']:8.2f}x {vs_ov} "
               f"{results[base]['cpu_min'] / r['cpu_min']:8.2f}x "
-              f"{diff:19.2e} {r['peak_rss_mib']:13.0f} {r['rss_setup_mib']:15.0f}{extra}")
+              f"{diff_text} {r['peak_rss_mib']:13.0f} {r['rss_setup_mib']:15.0f}{extra}")
     print(f"\nspeed-up = {base} wall time / variant wall time (min over runs); x ov = OpenVINO's wall time / the "
           "variant's (above 1: faster than OpenVINO); cpu ratio uses process CPU time, steadier when other jobs "
           "share the cores. compile = torch.compile or OpenVINO's compile_model, not in 'first s'.")
+    if any(v.endswith("_int8") for v in variants):
+        print("int8 rows: no logit difference, as this benchmark's random input is unlike the calibration images; "
+              "their accuracy is measured by deeplab eval (docs/deployment.md).")
     return 0
 
 
