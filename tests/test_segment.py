@@ -220,11 +220,11 @@ def test_glob_and_batches_with_duplicate_stems(tmp_path, weights, images):
 
 
 def test_without_weights_the_default_model_is_used(tmp_path, weights, images, monkeypatch, capsys):
-    import deeplab.weights
+    import deeplab.weights.default
 
     _, paths, _ = images
     out = tmp_path / "o"
-    monkeypatch.setattr(deeplab.weights, "default_weights_path", lambda: weights)
+    monkeypatch.setattr(deeplab.weights.default, "default_weights_path", lambda: weights)
     assert main(["segment", str(paths[0]), "--out", str(out)]) == 0
     ref = tmp_path / "ref"
     assert main(["segment", str(paths[0]), "--out", str(ref), "--weights", str(weights)]) == 0
@@ -233,6 +233,6 @@ def test_without_weights_the_default_model_is_used(tmp_path, weights, images, mo
     def missing():
         raise FileNotFoundError("the packaged default weights are missing: pass --weights FILE")
 
-    monkeypatch.setattr(deeplab.weights, "default_weights_path", missing)
+    monkeypatch.setattr(deeplab.weights.default, "default_weights_path", missing)
     assert main(["segment", str(paths[0]), "--out", str(out)]) == 2
     assert "pass --weights" in capsys.readouterr().err
