@@ -227,16 +227,14 @@ def read_mat_mask(path: str | os.PathLike, key: str) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def write_label_png(path: str | os.PathLike, labels: np.ndarray, palette: np.ndarray | None = None) -> None:
-    """Write a label map as a palette PNG, atomically (temporary file + ``os.replace``).
+def label_png_image(labels: np.ndarray, palette: np.ndarray | None = None) -> Image.Image:
+    """A label map as the PIL image of its PNG: palette mode (``P``) with ``palette``, else ``L``.
 
     Args:
-        path: destination ``.png``.
         labels: uint8-compatible (H, W) class indices (255 = ignore).
         palette: (N, 3) uint8 RGB colours for indices 0..N-1 (N <= 256); index 255 is drawn white
-            when the palette does not reach it. ``None`` writes a grayscale (mode L) PNG.
+            when the palette does not reach it. ``None``: grayscale.
     """
-    path = Path(path)
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
@@ -252,6 +250,14 @@ def write_label_png(path: str | os.PathLike, labels: np.ndarray, palette: np.nda
         pal[: len(palette)] = palette
         img = img.convert("P")
         img.putpalette(pal.ravel().tolist())
+    return img
+
+
+def write_label_png(path: str | os.PathLike, labels: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write a label map as a palette PNG (:func:`label_png_image`), atomically (temporary file +
+    ``os.replace``)."""
+    img = label_png_image(labels, palette)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as fh:
         img.save(fh, format="PNG")

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from deeplab.data.io import ImageReadError, pil_to_rgb
+from deeplab.data.io import ImageReadError, label_png_image, pil_to_rgb
 
 __all__ = ["DECODED_FORMATS", "UploadError", "decode_image", "label_png_bytes", "jpeg_bytes", "npy_bytes"]
 
@@ -90,18 +90,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
 
 def label_png_bytes(labels: np.ndarray, palette: np.ndarray) -> bytes:
     """The palette PNG of a label map, byte for byte what ``write_label_png`` writes to a file."""
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or (labels.size and (labels.min() < 0 or labels.max() > 255)):
-        raise ValueError(f"labels must be (H, W) in 0..255, got shape {labels.shape}")
-    img = Image.fromarray(labels.astype(np.uint8), mode="L")
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    pal[255] = 255
-    palette = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
-    pal[: len(palette)] = palette
-    img = img.convert("P")
-    img.putpalette(pal.ravel().tolist())
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    label_png_image(labels, palette).save(buf, format="PNG")
     return buf.getvalue()
 
 
