@@ -53,6 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import machine_line  # benchmarks/_machine.py (run as python benchmarks/X.py)
+
 VARIANTS = ("fp32", "fast", "fast_bf16", "fast_fp32", "autocast", "compile", "ort", "ov", "ov_fp32", "ort_int8",
             "ov_int8")
 
@@ -246,11 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     h, w = args.height or args.size, args.width or args.size
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
-    units = "AMX" if "amx_bf16" in flags else "AVX512_BF16" if "avx512_bf16" in flags else "no bf16 units"
     print(f"{args.weights or args.model}, input 1x3x{h}x{w}, {args.repeats} timed runs after {args.warmup} "
-          f"warm-up, torch {torch.__version__}, {os.cpu_count()} CPUs visible; CPU {cpu} ({units})", flush=True)
+          f"warm-up, torch {torch.__version__}; {machine_line()}", flush=True)
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path, int8_path = Path(tmp) / "model.onnx", Path(tmp) / "model_int8.onnx"

@@ -20,25 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
+from _machine import machine_line  # benchmarks/_machine.py (run as python benchmarks/X.py)
+
 BASELINE = "deeplab_v2_resnet101"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -108,7 +98,7 @@ def main() -> None:
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"  measured {name}", file=sys.stderr)
     base = next((r for r in rows if r["model"] == BASELINE), None)
-    print(f"CPU: {_cpu_name()}; input 1x3x{args.size}x{args.size}; optimize_for_inference, precision auto -> "
+    print(f"{machine_line()}; input 1x3x{args.size}x{args.size}; optimize_for_inference, precision auto -> "
           f"{rows[0]['precision'] if rows else '?'}; median of {args.repeats} after a warm-up, each model in its "
           "own process")
     header = ("model", "OS", "logits", "params", "GMACs", "first s", "median s", f"x {BASELINE}", "peak RSS MiB")

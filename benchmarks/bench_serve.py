@@ -44,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _machine import machine_line  # benchmarks/_machine.py (run as python benchmarks/X.py)
+
 
 @dataclass
 class _Run:
@@ -70,13 +72,6 @@ def _vm_hwm_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _cpu_line() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
-    units = "AMX" if "amx_bf16" in flags else "AVX512_BF16" if "avx512_bf16" in flags else "no bf16 units"
-    return f"CPU {cpu} ({units}), {os.cpu_count()} CPUs visible"
 
 
 class _Server:
@@ -236,7 +231,7 @@ def main() -> int:
 
     print(f"deeplab serve vs deeplab segment: {n_images} CamVid val frames ({args.data_root / 'val'}), "
           f"weights {args.weights or 'the packaged default'}, {args.workers} worker(s); torch {torch.__version__}, "
-          f"{_cpu_line()}", flush=True)
+          f"{machine_line()}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
