@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -19,6 +17,7 @@ import pytest
 from PIL import Image
 
 from _evaluation_helpers import run_cli, tiny_weights
+from _runtime_helpers import predict
 from deeplab.runtime import Predictor
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("nncf") is None and not os.environ.get("CI"),
@@ -76,15 +75,9 @@ def test_int8_labels_agree_with_fp32_on_onnxruntime(graphs):
 @pytest.mark.skipif(not _HAS_OPENVINO and not os.environ.get("CI"), reason="openvino not installed")
 def test_int8_labels_agree_with_fp32_on_openvino(graphs, tmp_path):
     root, images = graphs
-    np.save(tmp_path / "images.npy", np.stack(images))
-    code = (f"import numpy as np; from deeplab.runtime import Predictor; "
-            f"p = Predictor({str(root / 'int8.onnx')!r}, 'openvino'); "
-            f"np.save({str(tmp_path / 'labels.npy')!r}, "
-            f"np.stack([p.predict(im)[0] for im in np.load({str(tmp_path / 'images.npy')!r})]))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
+    ov = [labels for labels, _ in predict(root / "int8.onnx", "openvino", images, tmp_path, precision="auto")]
     fp32 = Predictor(root / "fp32.onnx", "onnxruntime", threads=2)
-    for image, labels in zip(images, np.load(tmp_path / "labels.npy")):
+    for image, labels in zip(images, ov):
         agreement = (labels == fp32.predict(image)[0]).mean()
         assert agreement >= _MIN_AGREEMENT, agreement
 

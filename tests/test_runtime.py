@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import deeplab
+from _runtime_helpers import predict
 from deeplab.runtime import BACKENDS, Predictor, bilinear_matrix, upsample
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -28,25 +28,6 @@ _HAS_OPENVINO = importlib.util.find_spec("openvino") is not None  # an optional 
 backends = [pytest.param(b, marks=pytest.mark.skipif(b == "openvino" and not _HAS_OPENVINO and not os.environ.get("CI"),
                                                      reason="openvino not installed (pip install deeplab[openvino])"))
             for b in BACKENDS]
-
-
-def _predict(path: Path, backend: str, images: list[np.ndarray], tmp: Path, *, precision: str = "fp32",
-             flip: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Predictor(path, backend).predict on each image. OpenVINO runs in a child process: loaded into
-    the long-lived pytest process it made a later, unrelated test crash (segmentation fault) in
-    1 of 3 full runs."""
-    if backend != "openvino":
-        predictor = Predictor(path, backend, precision=precision)
-        return [predictor.predict(im, flip=flip) for im in images]
-    np.save(tmp / "images.npy", np.stack(images))
-    code = (f"import numpy as np; from deeplab.runtime import Predictor; "
-            f"p = Predictor({str(path)!r}, 'openvino', precision={precision!r}); "
-            f"out = [p.predict(im, flip={flip}) for im in np.load({str(tmp / 'images.npy')!r})]; "
-            f"np.savez({str(tmp / 'out.npz')!r}, labels=np.stack([o[0] for o in out]), probs=np.stack([o[1] for o in out]))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    out = np.load(tmp / "out.npz")
-    return list(zip(out["labels"], out["probs"]))
 
 
 @pytest.mark.parametrize("align_corners", [True, False])
@@ -83,14 +64,14 @@ def exported(tmp_path_factory, camvid_root):
 def test_labels_equal_pytorchs_on_camvid_val(exported, backend, tmp_path):
     root, images = exported
     for name, weights in (("camvid.onnx", None), ("v3p.onnx", root / "v3p.safetensors")):
-        for image, (labels, probs) in zip(images, _predict(root / name, backend, images, tmp_path)):
+        for image, (labels, probs) in zip(images, predict(root / name, backend, images, tmp_path)):
             ref_labels, ref_probs = deeplab.segment(image, weights=weights, precision="fp32")
             assert probs.shape == ref_probs.shape and np.abs(probs - ref_probs).max() < 1e-4
             assert (labels != ref_labels).mean() <= 1e-4, (name, (labels != ref_labels).mean())
     assert Predictor(root / "v3p.onnx", "onnxruntime").align_corners is False
     assert Predictor(root / "camvid.onnx", "onnxruntime").align_corners is True
     # flip averages the mirrored image's logits, as deeplab.segment(flip=True)
-    labels, _ = _predict(root / "camvid.onnx", backend, images[:1], tmp_path, flip=True)[0]
+    labels, _ = predict(root / "camvid.onnx", backend, images[:1], tmp_path, flip=True)[0]
     ref, _ = deeplab.segment(images[0], flip=True, precision="fp32")
     assert (labels != ref).mean() <= 1e-4
 
@@ -100,7 +81,7 @@ def test_openvino_default_precision_stays_within_the_bf16_tolerance(exported, tm
     """precision "auto": OpenVINO's own choice (bf16 on CPUs with bf16 units): at most 0.5 % of
     pixels may change label against PyTorch fp32 (measured: under 0.1 % on CamVid val)."""
     root, images = exported
-    for image, (labels, _) in zip(images, _predict(root / "camvid.onnx", "openvino", images, tmp_path,
+    for image, (labels, _) in zip(images, predict(root / "camvid.onnx", "openvino", images, tmp_path,
                                                     precision="auto")):
         ref, _ = deeplab.segment(image, precision="fp32")
         assert (labels != ref).mean() <= 5e-3
