@@ -14,6 +14,9 @@ Variants:
   autocast   the plain model under deeplab.models.autocast("cpu", "bf16")
   compile    the "fast" model's network through torch.compile (inductor, freezing); the
              compilation time is printed separately and not counted in the forward time
+  jit_fuser  the "fast" model's network traced and frozen by TorchScript with oneDNN Graph fusion
+             (torch.jit.enable_onednn_fusion); trace, freeze and the two profiling calls are
+             printed as its compilation, one per input shape
   ort        the same weights exported to ONNX (deeplab export), run by ONNX Runtime (CPU, fp32)
   ov         that ONNX graph run by OpenVINO directly (core.compile_model, LATENCY hint, its own
              precision choice: bf16 on CPUs with bf16 units); the ratio column is against it
@@ -55,7 +58,7 @@ from pathlib import Path
 
 from _machine import machine_line  # benchmarks/_machine.py (run as python benchmarks/X.py)
 
-VARIANTS = ("fp32", "fast", "fast_bf16", "fast_fp32", "autocast", "compile", "ort", "ov", "ov_fp32", "ort_int8",
+VARIANTS = ("fp32", "fast", "fast_bf16", "fast_fp32", "autocast", "compile", "jit_fuser", "ort", "ov", "ov_fp32", "ort_int8",
             "ov_int8")
 
 
@@ -86,7 +89,7 @@ def _worker(args: argparse.Namespace) -> None:
         def forward():
             with torch.no_grad():
                 return model(x)
-    elif variant in ("fast", "fast_bf16", "fast_fp32", "compile"):
+    elif variant in ("fast", "fast_bf16", "fast_fp32", "compile", "jit_fuser"):
         fast = optimize_for_inference(model, precision={"fast_bf16": "bf16", "fast_fp32": "fp32"}.get(variant, "auto"))
         ran = fast.precision
         del model
@@ -97,6 +100,15 @@ def _worker(args: argparse.Namespace) -> None:
             fast.model = torch.compile(fast.model)
             t0 = time.perf_counter()
             fast(x)
+            compile_s = time.perf_counter() - t0
+        elif variant == "jit_fuser":
+            torch.jit.enable_onednn_fusion(True)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                example = x.to(fast._dtype).contiguous(memory_format=torch.channels_last)
+                fast.model = torch.jit.freeze(torch.jit.trace(fast.model, example, check_trace=False))
+                for _ in range(2):  # the profiling executor fuses on the second call
+                    fast(x)
             compile_s = time.perf_counter() - t0
 
         def forward():
@@ -303,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{diff_text} {r['peak_rss_mib']:13.0f} {r['rss_setup_mib']:15.0f}{extra}")
     print(f"\nspeed-up = {base} wall time / variant wall time (min over runs); x ov = OpenVINO's wall time / the "
           "variant's (above 1: faster than OpenVINO); cpu ratio uses process CPU time, steadier when other jobs "
-          "share the cores. compile = torch.compile or OpenVINO's compile_model, not in 'first s'.")
+          "share the cores. compile = torch.compile, the TorchScript trace + freeze + profiling calls, or "
+          "OpenVINO's compile_model, not in 'first s'.")
     if any(v.endswith("_int8") for v in variants):
         print("int8 rows: no logit difference, as this benchmark's random input is unlike the calibration images; "
               "their accuracy is measured by deeplab eval (docs/deployment.md).")
