@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deeplab.models.inference import Precision, resolve_precision
+from deeplab.runtime import image_batch  # numpy only: the same input checks as the runtime
 
 __all__ = [
     "ALIGN_CORNERS",
@@ -122,20 +123,9 @@ def _builtin_msc(model: nn.Module) -> tuple[float, ...] | None:
 def _to_batch(image: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> np.ndarray:
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
-    if isinstance(image, (list, tuple)):
-        sizes = {np.asarray(im).shape for im in image}
-        if len(sizes) != 1:
-            raise ValueError(f"images of a batch must have one size, got {sorted(sizes)}")
-        image = np.stack([np.asarray(im) for im in image])
-    image = np.asarray(image)
+    image = image_batch(image)
     if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays (e.g. from PIL)
         image = image.copy()
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected uint8 RGB images, got dtype {image.dtype}")
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[-1] != 3:
-        raise ValueError(f"expected an (H,W,3) image or (B,H,W,3) batch, got shape {image.shape}")
     return image
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BACKENDS", "Predictor", "bilinear_matrix", "normalize", "upsample"]
+__all__ = ["BACKENDS", "Predictor", "bilinear_matrix", "image_batch", "normalize", "upsample"]
 
 #: The runtimes a :class:`Predictor` can use.
 BACKENDS = ("onnxruntime", "openvino")
@@ -66,6 +66,27 @@ def upsample(logits: np.ndarray, size: tuple[int, int], align_corners: bool) -> 
     wy = bilinear_matrix(h, size[0], align_corners)
     wx = bilinear_matrix(w, size[1], align_corners)
     return np.matmul(np.matmul(wy, logits.astype(np.float32, copy=False)), wx.T)
+
+
+def image_batch(images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 RGB ``(H, W, 3)``, ``(B, H, W, 3)`` or a list of equal-size images as a ``(B, H, W, 3)`` batch.
+
+    Raises:
+        ValueError: another dtype or shape, or images of different sizes.
+    """
+    if isinstance(images, (list, tuple)):
+        sizes = {np.asarray(im).shape for im in images}
+        if len(sizes) != 1:
+            raise ValueError(f"images of a batch must have one size, got {sorted(sizes)}")
+        images = np.stack([np.asarray(im) for im in images])
+    batch = np.asarray(images)
+    if batch.dtype != np.uint8:
+        raise ValueError(f"expected uint8 RGB images, got dtype {batch.dtype}")
+    if batch.ndim == 3:
+        batch = batch[None]
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ValueError(f"expected an (H, W, 3) image or a (B, H, W, 3) batch, got shape {batch.shape}")
+    return batch
 
 
 def normalize(images: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
@@ -181,14 +202,7 @@ class Predictor:
     # ---------------------------------------------------------------- inference
     def logits(self, images: np.ndarray | Sequence[np.ndarray], *, flip: bool = False) -> np.ndarray:
         """float32 (B, C, h, w) logits at the network's stride for uint8 RGB (H, W, 3) or (B, H, W, 3)."""
-        batch = np.asarray(images if not isinstance(images, (list, tuple)) else np.stack(images))
-        if batch.dtype != np.uint8:
-            raise ValueError(f"expected uint8 RGB images, got dtype {batch.dtype}")
-        if batch.ndim == 3:
-            batch = batch[None]
-        if batch.ndim != 4 or batch.shape[-1] != 3:
-            raise ValueError(f"expected an (H, W, 3) image or a (B, H, W, 3) batch, got shape {batch.shape}")
-        x = normalize(batch, self.normalization)
+        x = normalize(image_batch(images), self.normalization)
         try:
             out = np.asarray(self._run(x), dtype=np.float32)
             if flip:
