@@ -244,6 +244,12 @@ class _Share:
     failures: list[str] = field(default_factory=list)
     fatal: str | None = None  # an error that stopped this process (e.g. the disk filled up)
 
+    def take_existing(self, item: _Input, row: list[str]) -> None:
+        """Count an input whose outputs --skip-existing found; keep its summary row if one was read."""
+        self.existing += 1
+        if row:
+            self.rows[item.index] = row
+
 
 def _row(item: _Input, kind: str, status: str, width: Any = "", height: Any = "", frames: Any = "",
          seconds: float | None = None, shares: Any = None, num_classes: int = 0) -> list[str]:
@@ -359,9 +365,7 @@ def _segment_images(items: list[_Input], args: argparse.Namespace, ctx: dict, sh
             if args.skip_existing:
                 row = _existing_image(item, args, num_classes, args.summary is not None)
                 if row is not None:
-                    share.existing += 1
-                    if row:
-                        share.rows[item.index] = row
+                    share.take_existing(item, row)
                     bar.update(1)
                     continue
             t0 = time.perf_counter()
@@ -399,9 +403,7 @@ def _segment_videos(items: list[_Input], args: argparse.Namespace, ctx: dict, sh
             if args.skip_existing:
                 row = _existing_video(item, args, num_classes, args.summary is not None)
                 if row is not None:
-                    share.existing += 1
-                    if row:
-                        share.rows[item.index] = row
+                    share.take_existing(item, row)
                     continue
             try:
                 r = segment_video(
