@@ -1,5 +1,6 @@
-"""The machine line every benchmark prints first: the CPU, its bf16 units, the visible cores, and
-the load when the run started.
+"""What the benchmarks share: the machine line each prints first (the CPU, its bf16 units, the
+visible cores and the load when the run started), where the real data is, and running one
+variant in a child process (so that its peak memory is its own).
 
 The load matters: on two cores, a job running beside a benchmark changes not only its times but
 which variant wins (the PyTorch path led OpenVINO by 1.09-1.12x beside a training job and trailed
@@ -8,7 +9,11 @@ it at 0.89x on the idle machine, docs/benchmarks.md). A run that starts on a bus
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 
 def cpu_description() -> str:
@@ -38,3 +43,17 @@ def machine_line() -> str:
         line += (f" -- WARNING: the machine is busy (1-minute load {load:.2f} on {cores} cores): "
                  "these figures are not those of an idle machine")
     return line
+
+
+def data_root() -> Path:
+    """``$DEEPLAB_DATA``, else ``../shared/data`` beside the checkout."""
+    return Path(os.environ.get("DEEPLAB_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def run_child(code: str, cfg: dict, name: str) -> dict:
+    """``python -c code`` with ``cfg`` as its JSON argument; the last line it prints, parsed as JSON.
+    Exits naming the variant and showing the child's error when it fails."""
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"variant {name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -23,12 +23,10 @@ Usage: python benchmarks/bench_eval.py [--limit 6] [--crf-limit 2] [--model deep
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from _machine import data_root, run_child  # benchmarks/_machine.py (run as python benchmarks/X.py)
 
 _CHILD = r"""
 import json, resource, sys
@@ -62,20 +60,10 @@ print(json.dumps({"images_per_s": r["images_per_s"], "miou": r["miou"], "pixel_a
 """
 
 
-def _run(cfg: dict) -> dict:
-    env = dict(os.environ)
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg)], capture_output=True,
-                         text=True, env=env)
-    if out.returncode != 0:
-        sys.exit(f"variant {cfg['precision']}{'+crf' if cfg['crf'] else ''} failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
-    repo = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-root", type=Path,
-                    default=Path(os.environ.get("DEEPLAB_DATA", repo.parent / "shared" / "data")) / "camvid_segnet")
+                    default=data_root() / "camvid_segnet")
     ap.add_argument("--limit", type=int, default=6, help="val images per variant")
     ap.add_argument("--crf-limit", type=int, default=2, help="val images for the CRF variant (0: skip)")
     ap.add_argument("--model", default="deeplab_v2_resnet18", help="random model when no weights")
@@ -105,7 +93,7 @@ def main() -> None:
                 continue
             cfg = base | {"precision": precision, "crf": crf, "limit": limit,
                           "preds": str(Path(tmp) / f"{name}.npz")}
-            res[name] = _run(cfg)
+            res[name] = run_child(_CHILD, cfg, name)
             r = res[name]
             print(f"{name:>9}: {r['precision']:>4} {r['images_per_s']:6.2f} images/s  mIoU {100 * r['miou']:6.2f}  "
                   f"pixel acc {100 * r['pixel_acc']:6.2f}  peak RSS {r['maxrss_mb']:.0f} MB  "

@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _machine import machine_line  # benchmarks/_machine.py (run as python benchmarks/X.py)
+from _machine import data_root, machine_line  # benchmarks/_machine.py (run as python benchmarks/X.py)
 
 
 @dataclass
@@ -203,10 +203,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    repo = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-root", type=Path,
-                    default=Path(os.environ.get("DEEPLAB_DATA", repo.parent / "shared" / "data")) / "camvid_segnet")
+                    default=data_root() / "camvid_segnet")
     ap.add_argument("--images", type=int, default=None, help="CamVid val frames, each posted once per run "
                     "(default 32; 4 with --quick)")
     ap.add_argument("--clients", default=None, help="comma-separated concurrent clients (default 1,4,16; 1,4 with "

@@ -24,12 +24,11 @@ Run it under the shared lock: flock /tmp/deeplab-bench.lock python benchmarks/be
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _machine import data_root, run_child  # benchmarks/_machine.py (run as python benchmarks/X.py)
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -75,18 +74,10 @@ def _make_clip(path: Path, frames: list[Path], rate: int = 15) -> None:
             c.mux(p)
 
 
-def _run(cfg: dict) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg)], capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"variant batch {cfg['batch']}{' + crf' if cfg['crf'] else ''} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
-    repo = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-root", type=Path,
-                    default=Path(os.environ.get("DEEPLAB_DATA", repo.parent / "shared" / "data")) / "camvid_segnet")
+                    default=data_root() / "camvid_segnet")
     ap.add_argument("--frames", type=int, default=32, help="frames of the clip (consecutive CamVid val frames)")
     ap.add_argument("--crf-frames", type=int, default=8, help="frames for the CRF variants (0: skip them)")
     ap.add_argument("--weights", type=Path, default=None, help="weights (default: the packaged model)")
@@ -115,7 +106,7 @@ def main() -> None:
                 continue
             cfg = {"weights": str(weights), "batch": batch, "crf": crf,
                    "clip": str(clips["short" if crf else "long"]), "out": str(tmp_path / name.replace(" ", "_"))}
-            res[name] = _run(cfg)
+            res[name] = run_child(_CHILD, cfg, name)
     first = next(iter(res.values()))
     print(f"precision {first['precision']}, torch threads {first['threads']}")
     base = res["batch 1"]["frames"] / res["batch 1"]["seconds"]
