@@ -259,9 +259,9 @@ def _row(item: _Input, kind: str, status: str, width: Any = "", height: Any = ""
 
 
 def _shares(labels, num_classes: int):
-    import numpy as np
+    from deeplab.engine.segment import class_pixels
 
-    counts = np.bincount(np.asarray(labels).ravel(), minlength=num_classes)[:num_classes]
+    counts = class_pixels(labels, num_classes)
     return counts / max(1, counts.sum())
 
 

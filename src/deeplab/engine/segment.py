@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -29,7 +28,7 @@ from deeplab.engine.inference import (
 )
 from deeplab.models.inference import resolve_precision
 
-__all__ = ["ModelBundle", "load_bundle", "overlay", "segment", "DEFAULT_NORMALIZATION"]
+__all__ = ["ModelBundle", "class_pixels", "load_bundle", "overlay", "segment", "DEFAULT_NORMALIZATION"]
 
 #: The paper's input normalisation (Caffe: BGR minus the ImageNet mean, no division).
 DEFAULT_NORMALIZATION = {"mode": "caffe_bgr", "mean": [104.008, 116.669, 122.675]}
@@ -179,6 +178,12 @@ def _font(size: int):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: fixed-size bitmap font
         return ImageFont.load_default()
+
+
+def class_pixels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixels of each class 0..num_classes-1 in a label map (other values, e.g. 255, not counted):
+    the per-class shares of segment's summary, the service's JSON and the video CSV."""
+    return np.bincount(np.asarray(labels).ravel(), minlength=num_classes)[:num_classes]
 
 
 def overlay(

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from deeplab.engine.inference import DEFAULT_MAX_PIXELS, finish_prediction, model_align_corners, predict_logits
-from deeplab.engine.segment import ModelBundle, overlay
+from deeplab.engine.segment import ModelBundle, class_pixels, overlay
 from deeplab.fileio import atomic_open, atomic_path
 
 __all__ = [
@@ -463,7 +463,7 @@ def segment_video(
     out_rate = rate / every
     align_corners = model_align_corners(bundle.model)
     scale = bundle.scale_for(input_scale)
-    class_pixels = np.zeros(bundle.num_classes, dtype=np.int64)
+    pixels_per_class = np.zeros(bundle.num_classes, dtype=np.int64)
     rows: list[list[str]] = []
     seen_classes: set[int] = set()
     ema_state: torch.Tensor | None = None
@@ -502,9 +502,9 @@ def segment_video(
                 one = ema_state
             labels_t, _ = finish_prediction(one, frame.rgb, crf=crf, align_corners=align_corners)
             labels = labels_t.numpy().astype(np.uint8)
-            counts = np.bincount(labels.ravel(), minlength=bundle.num_classes)[: bundle.num_classes]
+            counts = class_pixels(labels, bundle.num_classes)
             timings["labels"] += time.perf_counter() - t
-            class_pixels[:] += counts
+            pixels_per_class[:] += counts  # in place: the array belongs to the enclosing function
             seen_classes.update(int(c) for c in np.flatnonzero(counts))
             t = time.perf_counter()
             drawn = overlay(frame.rgb, labels, bundle.palette, bundle.class_names, alpha=alpha,
@@ -568,6 +568,6 @@ def segment_video(
     outputs = [out_dir / overlay_name, out_dir / csv_name, *([frames_dir] if save_frames else [])]
     return VideoResult(
         path=path, frames=len(rows), decoded=decoded, width=reader.width, height=reader.height,
-        rate=out_rate, class_pixels=class_pixels, seconds=time.perf_counter() - t_start,
+        rate=out_rate, class_pixels=pixels_per_class, seconds=time.perf_counter() - t_start,
         timings=timings, outputs=outputs, error=error,
     )

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from deeplab.engine.inference import DEFAULT_MAX_PIXELS
-from deeplab.engine.segment import ModelBundle
+from deeplab.engine.segment import ModelBundle, class_pixels
 from deeplab.serve.batching import BatchingQueue, Job, QueueClosed, QueueFull
 from deeplab.serve.codec import UploadError, decode_image, jpeg_bytes, label_png_bytes, npy_bytes
 
@@ -506,7 +506,7 @@ def create_app(bundle: ModelBundle, config: ServeConfig | None = None):
             return jpeg_bytes(overlay(image, result.labels, palette, bundle.class_names, alpha=options.alpha))
         if options.output == "probs":
             return npy_bytes(result.probs)
-        counts = np.bincount(result.labels.ravel(), minlength=bundle.num_classes)[: bundle.num_classes]
+        counts = class_pixels(result.labels, bundle.num_classes)
         total = max(1, int(counts.sum()))
         present = [{**classes[c], "pixels": int(counts[c]), "share": round(float(counts[c]) / total, 6)}
                    for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
