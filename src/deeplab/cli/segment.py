@@ -47,6 +47,7 @@ from deeplab.cli.common import (
     overwritten_input,
     report_error,
 )
+from deeplab.engine.outputs import video_output_names
 
 # How long the processes of a torchrun wait for each other at the end (the slowest share): the
 # default 30 minutes is shorter than one long video.
@@ -214,11 +215,6 @@ def _output_names(stem: str, save_probs: bool) -> list[str]:
     return [f"{stem}.png", f"{stem}_overlay.jpg", *([f"{stem}.npy"] if save_probs else [])]
 
 
-def _video_output_names(stem: str, save_frames: bool) -> list[str]:
-    # deeplab.engine.video.video_output_names, without importing PyTorch before the checks.
-    return [f"{stem}_overlay.mp4", f"{stem}_classes.csv", *([stem] if save_frames else [])]
-
-
 # --------------------------------------------------------------------------- one process's share
 
 
@@ -290,7 +286,7 @@ def _existing_video(item: _Input, args: argparse.Namespace, num_classes: int, wa
     must hold one label map per CSV row."""
     import numpy as np
 
-    names = _video_output_names(item.stem, args.save_frames)
+    names = video_output_names(item.stem, args.save_frames)
     video, table = args.out / names[0], args.out / names[1]
     if not (video.is_file() and table.is_file()):
         return None
@@ -517,7 +513,7 @@ def run(args: argparse.Namespace) -> int:
     videos = [_is_video(p) if p.is_file() else False for p in paths]
     inputs = {p.resolve(): p for p in paths}
     for path, stem, video in zip(paths, stems, videos):
-        names = _video_output_names(stem, args.save_frames) if video else _output_names(stem, args.save_probs)
+        names = video_output_names(stem, args.save_frames) if video else _output_names(stem, args.save_probs)
         hit = overwritten_input(args.out, inputs, names)
         if hit is not None:
             source = "" if hit == path else f" with the output for {path}"

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from deeplab.engine.inference import DEFAULT_MAX_PIXELS, finish_prediction, model_align_corners, predict_logits
+from deeplab.engine.outputs import video_output_names
 from deeplab.engine.segment import ModelBundle, class_pixels, overlay
 from deeplab.fileio import atomic_open, atomic_path
 
@@ -94,12 +95,6 @@ def import_av() -> Any:
             "(or pip install av)"
         ) from e
     return av
-
-
-def video_output_names(stem: str, save_frames: bool) -> list[str]:
-    """The names :func:`segment_video` writes into its output folder for ``stem`` (the frames'
-    folder, with ``save_frames``, last)."""
-    return [f"{stem}_overlay.mp4", f"{stem}_classes.csv", *([stem] if save_frames else [])]
 
 
 @dataclass(frozen=True)
