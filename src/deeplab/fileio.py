@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_path", "sha256_file"]
+import numpy as np
+
+__all__ = ["atomic_open", "atomic_path", "jsonable", "sha256_file", "write_json"]
 
 
 def _default_mode() -> int:
@@ -62,3 +66,28 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON can hold it: numpy scalars and arrays as Python values, NaN and infinities
+    as null, other objects as their ``str``."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` (through :func:`jsonable`) as indented JSON, atomically."""
+    with atomic_open(path, "w") as f:
+        json.dump(jsonable(obj), f, indent=2, allow_nan=False)
+        f.write("\n")

@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
           f"bi_rgb_std={best['bi_rgb_std']:g},pos_w={args.pos_w:g},pos_xy_std={args.pos_xy_std:g}"
           f"  (mIoU {100 * best['miou']:.2f}%, {100 * (best['miou'] - base_miou):+.2f} points)")
     if args.json:
-        from deeplab.cli.evaluate import write_json
+        from deeplab.fileio import write_json
 
         write_json(args.json, {
             "best": {k: best[k] for k in ("bi_w", "bi_xy_std", "bi_rgb_std")} | {

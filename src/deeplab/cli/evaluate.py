@@ -18,11 +18,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
 
 from deeplab.cli.common import (
     add_backend_argument,
@@ -98,25 +96,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding images")
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (NaN written as null)."""
-    from deeplab.fileio import atomic_open
-
-    with atomic_open(path, "w") as f:
-        json.dump(_json_safe(obj), f, indent=2, allow_nan=False)
-        f.write("\n")
 
 
 def format_table(result: dict, class_names: list[str] | tuple[str, ...]) -> str:
@@ -265,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
         "per_image": result["per_image"],
     }
     if args.json:
+        from deeplab.fileio import write_json
+
         write_json(args.json, out)
         print(f"wrote {args.json}")
     if args.report:

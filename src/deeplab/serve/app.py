@@ -34,6 +34,7 @@ import numpy as np
 
 from deeplab.engine.inference import DEFAULT_MAX_PIXELS
 from deeplab.engine.segment import ModelBundle, class_pixels
+from deeplab.fileio import jsonable
 from deeplab.serve.batching import BatchingQueue, Job, QueueClosed, QueueFull
 from deeplab.serve.codec import UploadError, decode_image, jpeg_bytes, label_png_bytes, npy_bytes
 
@@ -304,23 +305,6 @@ def _page() -> tuple[bytes, str]:
 # --------------------------------------------------------------------------- the application
 
 
-def _jsonable(value: Any) -> Any:
-    """Metadata as JSON: numpy scalars and arrays as Python values, NaN and infinities as null."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
-
-
 def create_app(bundle: ModelBundle, config: ServeConfig | None = None):
     """The service for one prepared model.
 
@@ -361,7 +345,7 @@ def create_app(bundle: ModelBundle, config: ServeConfig | None = None):
     page, csp = _page()
     palette = np.asarray(bundle.palette, dtype=np.uint8)
     classes = [{"index": i, "name": n, "color": [int(v) for v in palette[i]]} for i, n in enumerate(bundle.class_names)]
-    model_info = _jsonable({
+    model_info = jsonable({
         "name": bundle.name,
         "num_classes": bundle.num_classes,
         "classes": classes,
