@@ -60,6 +60,22 @@ def add_msc_arguments(parser: argparse.ArgumentParser) -> None:
                              "unset: the model family's own")
 
 
+def at_least(flag: str, kind: type, low: float, example: str):
+    """An argparse ``type`` for ``flag``: a ``kind`` (int or float) of at least ``low``; the error
+    names the flag, the text and an example."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value >= low:  # also refuses NaN
+            whole = "whole " if kind is int else ""
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected a {whole}number >= {low:g} such as {example}")
+        return value
+
+    return parse
+
+
 def add_backend_argument(parser: argparse.ArgumentParser) -> None:
     """``--backend``, shared by segment, eval, crf-search and serve."""
     parser.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default="torch",

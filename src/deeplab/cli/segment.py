@@ -42,6 +42,7 @@ from deeplab.cli.common import (
     add_input_scale_argument,
     add_msc_arguments,
     add_precision_argument,
+    at_least,
     check_output_file,
     check_writable,
     overwritten_input,
@@ -52,34 +53,6 @@ from deeplab.engine.outputs import video_output_names
 # How long the processes of a torchrun wait for each other at the end (the slowest share): the
 # default 30 minutes is shorter than one long video.
 _GATHER_TIMEOUT = timedelta(days=7)
-
-
-def _positive_pixels(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(
-                f"{flag} {text!r}: expected a positive number of pixels such as 6000000"
-            )
-        return value
-
-    return parse
-
-
-def _positive_int(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected a whole number >= 1")
-        return value
-
-    return parse
 
 
 def _ema_weight(text: str) -> float:
@@ -114,14 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images or video frames per forward pass (consecutive ones of one size)")
     parser.add_argument("--save-probs", action="store_true",
                         help="also write <stem>.npy float16 (C,H,W) probabilities (images)")
-    parser.add_argument("--max-pixels", type=_positive_pixels("--max-pixels"), default=None, metavar="N",
-                        help="downscale larger images and frames for the network; unset: 6,000,000")
-    parser.add_argument("--max-image-pixels", type=_positive_pixels("--max-image-pixels"), default=None,
-                        metavar="N", help="refuse to decode image files of more pixels (a guard against "
+    parser.add_argument("--max-pixels", type=at_least("--max-pixels", int, 1, "6000000"), default=None,
+                        metavar="N", help="downscale larger images and frames for the network; unset: 6,000,000")
+    parser.add_argument("--max-image-pixels", type=at_least("--max-image-pixels", int, 1, "64000000"),
+                        default=None, metavar="N", help="refuse to decode image files of more pixels (a guard against "
                         "decompression bombs); raise it for trusted large files; unset: 64,000,000")
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay")
     video = parser.add_argument_group("videos")
-    video.add_argument("--every", type=_positive_int("--every"), default=1, metavar="N",
+    video.add_argument("--every", type=at_least("--every", int, 1, "2"), default=1, metavar="N",
                        help="segment every Nth frame (the overlay video's rate is divided by N)")
     video.add_argument("--save-frames", action="store_true",
                        help="also write the label map of every segmented frame as <stem>/NNNNNN.png")

@@ -28,23 +28,10 @@ import os
 import sys
 from pathlib import Path
 
-from deeplab.cli.common import add_backend_argument, add_precision_argument, report_error
+from deeplab.cli.common import add_backend_argument, add_precision_argument, at_least, report_error
 
 #: The environment variable that holds the API key when --api-key is not given.
 API_KEY_ENV = "DEEPLAB_API_KEY"
-
-
-def _bounded(flag: str, kind: type, low: float, example: str):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value >= low:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected a number >= {low:g} such as {example}")
-        return value
-
-    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,23 +40,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "without it, the packaged default model")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (0.0.0.0: every interface; then set an API key)")
-    parser.add_argument("--port", type=_bounded("--port", int, 0, "8000"), default=8000,
+    parser.add_argument("--port", type=at_least("--port", int, 0, "8000"), default=8000,
                         help="port to listen on (0: any free port)")
-    parser.add_argument("--workers", type=_bounded("--workers", int, 1, "2"), default=1,
+    parser.add_argument("--workers", type=at_least("--workers", int, 1, "2"), default=1,
                         help="inference worker threads (each runs one forward pass at a time)")
-    parser.add_argument("--queue-size", type=_bounded("--queue-size", int, 1, "64"), default=64,
+    parser.add_argument("--queue-size", type=at_least("--queue-size", int, 1, "64"), default=64,
                         help="requests that may wait for a worker; one more gets 503 with Retry-After")
-    parser.add_argument("--max-batch", type=_bounded("--max-batch", int, 1, "8"), default=8,
+    parser.add_argument("--max-batch", type=at_least("--max-batch", int, 1, "8"), default=8,
                         help="most same-size requests in one forward pass (1: no batching)")
-    parser.add_argument("--batch-window-ms", type=_bounded("--batch-window-ms", float, 0, "10"), default=10.0,
+    parser.add_argument("--batch-window-ms", type=at_least("--batch-window-ms", float, 0, "10"), default=10.0,
                         help="how long a worker waits for more same-size requests, only while others are in flight")
-    parser.add_argument("--max-upload-mb", type=_bounded("--max-upload-mb", float, 0.001, "20"), default=20.0,
+    parser.add_argument("--max-upload-mb", type=at_least("--max-upload-mb", float, 0.001, "20"), default=20.0,
                         help="largest request body in MiB (413 above)")
-    parser.add_argument("--max-image-pixels", type=_bounded("--max-image-pixels", int, 1, "40000000"),
+    parser.add_argument("--max-image-pixels", type=at_least("--max-image-pixels", int, 1, "40000000"),
                         default=None, metavar="N",
                         help="largest decoded image, width x height, checked before decoding (413 above); "
                         "unset: 40,000,000")
-    parser.add_argument("--max-pixels", type=_bounded("--max-pixels", int, 1, "6000000"), default=None,
+    parser.add_argument("--max-pixels", type=at_least("--max-pixels", int, 1, "6000000"), default=None,
                         metavar="N", help="larger images are downscaled for the network, as with segment's "
                         "--max-pixels (the answers stay full size); unset: 6,000,000")
     parser.add_argument("--api-key", default=None, metavar="KEY",
